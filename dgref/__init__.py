@@ -1,0 +1,27 @@
+"""dgref: the package behind the book *Guidance in diffusion models, measured exactly*.
+
+Pure functions over tensors, one per algorithm box of the book; classes only for things that
+hold parameters. See the book's API page for the equation each function implements.
+"""
+from ._checks import NonFiniteError
+from ._progress import set_progress
+from .edm import (EDMPrecond, SamplerStep, edm_loss, edm_precond_coeffs, edm_sample_sigmas,
+                  edm_sampler, edm_sampler_iter, edm_sigma_steps)
+from .guidance import ScoreCorrectedDenoiser, oracle_correction
+from .likelihood import divergence, kl_divergence, mixture_kl, ode_log_likelihood
+from .nets import MLP, FourierEmbedding, edm_training_loop, mlp_denoiser, train_denoiser
+from .toy import GaussianMixture, grid, mixture_1d, ring
+from .utils import BatchGenerator, make_generator, randn, resolve_device, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NonFiniteError", "set_progress",
+    "EDMPrecond", "SamplerStep", "edm_loss", "edm_precond_coeffs", "edm_sample_sigmas",
+    "edm_sampler", "edm_sampler_iter", "edm_sigma_steps",
+    "ScoreCorrectedDenoiser", "oracle_correction",
+    "divergence", "kl_divergence", "mixture_kl", "ode_log_likelihood",
+    "MLP", "FourierEmbedding", "edm_training_loop", "mlp_denoiser", "train_denoiser",
+    "GaussianMixture", "grid", "mixture_1d", "ring",
+    "BatchGenerator", "make_generator", "randn", "resolve_device", "seed_everything",
+]

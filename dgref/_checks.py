@@ -1,0 +1,157 @@
+"""Input validation shared by every public function.
+
+Each check raises ``TypeError`` or ``ValueError`` whose message names the argument, what was
+given and what was expected, so a wrong call fails at its first line, not deep inside torch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "NonFiniteError",
+    "check_tensor",
+    "check_positive_int",
+    "check_nonneg_int",
+    "check_positive_float",
+    "check_finite_float",
+    "check_sigma",
+    "check_same_device_dtype",
+    "check_window",
+]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or sample became NaN or infinite."""
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None,
+                 last_dim: int | None = None, floating: bool = True, nonempty: bool = True,
+                 finite: bool = False) -> torch.Tensor:
+    """Check that ``value`` is a tensor of the expected rank and trailing size."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_describe(value)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if ndim is not None and value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+    if last_dim is not None and (value.ndim == 0 or value.shape[-1] != last_dim):
+        raise ValueError(
+            f"{name} must have last dimension {last_dim}, got shape {tuple(value.shape)}")
+    if nonempty and value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    if finite and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(value)).sum())} "
+                         "non-finite entries")
+    return value
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return int(value)
+
+
+def check_nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, got {_describe(value)}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
+
+
+def check_finite_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive_float(name: str, value, *, allow_zero: bool = False,
+                         allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < 0 or (value == 0 and not allow_zero):
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool = False,
+                like: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``sigma`` as a tensor of shape ``(batch,)`` (or a 0-d tensor when ``batch`` is None).
+
+    Accepts a Python number, a 0-d tensor, or a tensor of shape ``(batch,)``. Rejects
+    non-finite values and sigma <= 0 (sigma < 0 when ``allow_zero``).
+    """
+    if isinstance(sigma, bool):
+        raise TypeError(f"{name} must be a number or a tensor, got {_describe(sigma)}")
+    if isinstance(sigma, numbers.Real):
+        value = float(sigma)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            expected = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} must be finite and {expected}, got {value}")
+        kwargs = {} if like is None else {"dtype": like.dtype, "device": like.device}
+        t = torch.tensor(value, **kwargs)
+        return t if batch is None else t.expand(batch)
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{name} must be a number or a tensor, got {_describe(sigma)}")
+    if like is not None:
+        if sigma.device != like.device:
+            raise ValueError(f"{name} is on device {sigma.device} but x is on {like.device}")
+        sigma = sigma.to(like.dtype)
+    if sigma.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or of shape (batch,), got shape "
+                         f"{tuple(sigma.shape)}")
+    if batch is not None:
+        if sigma.ndim == 0:
+            sigma = sigma.expand(batch)
+        elif sigma.shape[0] != batch:
+            raise ValueError(f"{name} must have shape ({batch},) to match x, got shape "
+                             f"{tuple(sigma.shape)}")
+    bad = ~torch.isfinite(sigma) | (sigma < 0 if allow_zero else sigma <= 0)
+    if bool(bad.any()):
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {expected}; got {int(bad.sum())} bad "
+                         f"value(s), e.g. {float(sigma[bad].flatten()[0])}")
+    return sigma
+
+
+def check_same_device_dtype(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; "
+                         "move them to the same device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has dtype {b.dtype}; "
+                        "expected the same dtype")
+
+
+def check_window(name: str, window) -> tuple[float, float]:
+    """A sigma window ``(lo, hi)`` with 0 <= lo <= hi (hi may be inf)."""
+    if window is None:
+        return (0.0, math.inf)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{name} must be a pair (sigma_lo, sigma_hi), got {_describe(window)}")
+    lo = check_positive_float(f"{name}[0]", window[0], allow_zero=True)
+    hi = check_positive_float(f"{name}[1]", window[1], allow_zero=True, allow_inf=True)
+    if lo > hi:
+        raise ValueError(f"{name} must have min <= max, got ({lo}, {hi})")
+    return (lo, hi)

@@ -1,0 +1,227 @@
+"""EDM (Karras et al. 2022) written from the paper's equations.
+
+Book chapter "Diffusion in the EDM form, step by step": preconditioning (eq. edm-precond),
+the training loss (eq. edm-loss), the time steps (eq. edm-steps) and the sampler (Algorithm 2).
+
+A *denoiser* is any callable ``D(x, sigma) -> x0_hat`` with ``x`` of shape ``(B, ...)`` and
+``sigma`` of shape ``(B,)``. Guidance of every kind is a denoiser wrapping another one, so the
+sampler below never changes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import (NonFiniteError, check_finite_float, check_positive_float,
+                      check_positive_int, check_sigma, check_tensor)
+from ._progress import progress_bar
+from .utils import randn
+
+__all__ = ["edm_precond_coeffs", "EDMPrecond", "edm_loss", "edm_sample_sigmas",
+           "edm_sigma_steps", "SamplerStep", "edm_sampler_iter", "edm_sampler"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape ``(B,)`` to ``(B, 1, ..., 1)`` so it broadcasts against ``x``."""
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def edm_precond_coeffs(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """The four preconditioning coefficients of EDM (Karras et al. 2022, Table 1; book eq. edm-precond).
+
+    Returns ``(c_skip, c_out, c_in, c_noise)``, each of ``sigma``'s shape:
+    ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``,
+    ``c_noise = log(s)/4``.
+    """
+    check_positive_float("sigma_data", sigma_data)
+    sigma = check_sigma("sigma", sigma)
+    denom = sigma ** 2 + sigma_data ** 2
+    c_skip = sigma_data ** 2 / denom
+    c_out = sigma * sigma_data / denom.sqrt()
+    c_in = 1 / denom.sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` around a raw network ``F`` (book eq. edm-precond).
+
+    ``F(x_in, c_noise, *args)`` takes the scaled input and ``c_noise`` of shape ``(B,)``; extra
+    positional arguments (e.g. a class label) are passed through.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = check_positive_float("sigma_data", sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma, *args) -> torch.Tensor:
+        check_tensor("x", x, min_ndim=2)
+        sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
+        c_skip, c_out, c_in, c_noise = edm_precond_coeffs(sigma, self.sigma_data)
+        f = self.net(_bcast(c_in, x) * x, c_noise, *args)
+        if f.shape != x.shape:
+            raise ValueError(f"the network returned shape {tuple(f.shape)}, expected x's shape "
+                             f"{tuple(x.shape)}")
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * f
+
+
+def edm_sample_sigmas(batch: int, *, P_mean: float = -1.2, P_std: float = 1.2,
+                      generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Training noise levels ``ln sigma ~ N(P_mean, P_std^2)``, shape ``(batch,)`` (EDM sec. 5)."""
+    check_positive_int("batch", batch)
+    check_finite_float("P_mean", P_mean)
+    check_positive_float("P_std", P_std)
+    z = randn((batch,), generator, dtype=dtype, device=device)
+    return (P_mean + P_std * z).exp()
+
+
+def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
+             P_mean: float = -1.2, P_std: float = 1.2, generator=None,
+             sigma: torch.Tensor | None = None, reduction: str = "mean", extra_args=()
+             ) -> torch.Tensor:
+    """The EDM training loss (book eq. edm-loss).
+
+    ``lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2`` with ``ln sigma ~ N(P_mean, P_std^2)`` and
+    ``lambda = (sigma^2 + sigma_data^2)/(sigma sigma_data)^2``; summed over data dimensions,
+    averaged over the batch (``reduction="none"`` returns the per-example ``(B,)`` values).
+    Pass ``sigma`` to fix the noise levels instead of sampling them.
+    """
+    check_tensor("x0", x0, min_ndim=2)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    B = x0.shape[0]
+    if sigma is None:
+        sigma = edm_sample_sigmas(B, P_mean=P_mean, P_std=P_std, generator=generator,
+                                  device=x0.device, dtype=x0.dtype)
+    else:
+        sigma = check_sigma("sigma", sigma, B, like=x0)
+    n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
+    x = x0 + _bcast(sigma, x0) * n
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    err = (denoiser(x, sigma, *extra_args) - x0) ** 2
+    per_example = weight * err.flatten(1).sum(1)
+    return per_example.mean() if reduction == "mean" else per_example
+
+
+def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0, *, device=None, dtype=torch.float64) -> torch.Tensor:
+    """EDM time steps (Karras et al. 2022, eq. 5; book eq. edm-steps), with ``t_N = 0`` appended.
+
+    ``t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for
+    ``i = 0..N-1``; returns ``N + 1`` values, strictly decreasing from ``sigma_max`` to 0.
+    With ``num_steps = 1`` the single step goes from ``sigma_max`` straight to 0.
+    """
+    N = check_positive_int("num_steps", num_steps)
+    sigma_min = check_positive_float("sigma_min", sigma_min)
+    sigma_max = check_positive_float("sigma_max", sigma_max)
+    rho = check_positive_float("rho", rho)
+    if sigma_min >= sigma_max and N > 1:
+        raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} >= {sigma_max}")
+    i = torch.arange(N, dtype=torch.float64)
+    frac = i / (N - 1) if N > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t = (hi + frac * (lo - hi)) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    return t.to(device=device, dtype=dtype)
+
+
+class SamplerStep(NamedTuple):
+    """One step of the sampler: ``t_cur -> t_hat -> t_next`` and the states it passed through."""
+    i: int
+    t_cur: float
+    t_hat: float
+    t_next: float
+    x_hat: torch.Tensor      # state after churn, at t_hat
+    denoised: torch.Tensor   # D(x_hat; t_hat)
+    x_next: torch.Tensor     # state at t_next
+
+
+def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: int = 18,
+                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
+                     S_noise: float = 1.0, generator=None, heun_denoiser: Denoiser | None = None,
+                     sigmas: torch.Tensor | None = None, progress: bool | None = None,
+                     extra_args=()) -> Iterator[SamplerStep]:
+    """EDM Algorithm 2 as a generator of :class:`SamplerStep` (book: Algorithm edm-sampler).
+
+    ``latents`` are unit-normal ``(B, ...)``; the chain starts at ``x = t_0 * latents``. Each
+    step optionally adds churn noise (``S_churn > 0``, within ``[S_min, S_max]``), takes an
+    Euler step with the slope ``(x - D(x; t))/t``, and, unless the next level is 0, corrects it
+    with Heun's second slope. ``heun_denoiser`` (default: ``denoiser``) evaluates that second
+    slope: passing the unguided model there applies a guidance at the Euler slope only.
+    ``sigmas`` overrides the rho-schedule (a decreasing sequence ending in 0).
+    """
+    check_tensor("latents", latents, min_ndim=2)
+    for name, val in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
+        check_positive_float(name, val, allow_zero=True)
+    check_positive_float("S_max", S_max, allow_zero=True, allow_inf=True)
+    if sigmas is None:
+        sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    else:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        if sigmas.ndim != 1 or sigmas.numel() < 2 or float(sigmas[-1]) != 0.0 or bool(
+                (sigmas[1:] >= sigmas[:-1]).any()) or float(sigmas[-2]) <= 0:
+            raise ValueError("sigmas must be a strictly decreasing 1-D sequence of positive "
+                             "levels ending in 0")
+    t_steps = [float(t) for t in sigmas]          # host floats: no device syncs in the loop
+    N = len(t_steps) - 1
+    heun = denoiser if heun_denoiser is None else heun_denoiser
+    B = latents.shape[0]
+    dtype, device = latents.dtype, latents.device
+
+    def level(t):
+        return torch.full((B,), t, dtype=dtype, device=device)
+
+    x_next = latents * t_steps[0]
+    for i in progress_bar(range(N), desc="sampling", progress=progress):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        x_cur = x_next
+        # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur * (1 + gamma)
+        if gamma > 0:
+            eps = randn(x_cur.shape, generator, dtype=dtype, device=device)
+            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
+        else:
+            x_hat = x_cur
+        # Euler step.
+        denoised = denoiser(x_hat, level(t_hat), *extra_args)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Heun correction (second order), skipped on the last step to sigma = 0.
+        if t_next > 0:
+            d_prime = (x_next - heun(x_next, level(t_next), *extra_args)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        yield SamplerStep(i, t_cur, t_hat, t_next, x_hat, denoised, x_next)
+
+
+
+
+def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, *, callback=None,
+                check_finite: bool = True, **kwargs) -> torch.Tensor:
+    """Run EDM Algorithm 2 to the end and return the samples (book: Algorithm edm-sampler).
+
+    Takes the arguments of :func:`edm_sampler_iter`; ``callback(step)`` sees every
+    :class:`SamplerStep`. Gradients are not tracked unless a guidance asks for them itself.
+    Raises :class:`dgref.NonFiniteError` when samples come out NaN or infinite
+    (``check_finite=False`` returns them anyway).
+    """
+    x = None
+    with torch.no_grad():
+        for step in edm_sampler_iter(denoiser, latents, **kwargs):
+            if callback is not None:
+                callback(step)
+            x = step.x_next
+    if check_finite:
+        bad = ~torch.isfinite(x.flatten(1)).all(1)
+        if bool(bad.any()):
+            raise NonFiniteError(f"the sampler produced {int(bad.sum())} non-finite sample(s) "
+                                 f"out of {x.shape[0]}; check the denoiser and the guidance "
+                                 "weight")
+    return x

@@ -1,0 +1,134 @@
+"""Small networks for low-dimensional data and the EDM training loop (book chapter "EDM")."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ._checks import (NonFiniteError, check_positive_float, check_positive_int, check_tensor)
+from ._progress import progress_bar
+from .edm import EDMPrecond, edm_loss
+
+__all__ = ["FourierEmbedding", "MLP", "mlp_denoiser", "edm_training_loop", "train_denoiser",
+           "batch_sampler"]
+
+
+class FourierEmbedding(nn.Module):
+    """Fixed sinusoidal features of a scalar (the noise level): ``(B,) -> (B, 2 * num_freqs)``."""
+
+    def __init__(self, num_freqs: int = 16, max_freq: float = 8.0):
+        super().__init__()
+        check_positive_int("num_freqs", num_freqs)
+        self.register_buffer("freqs", torch.logspace(0, math.log10(max_freq), num_freqs)
+                             * math.pi, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t[:, None] * self.freqs[None].to(t.dtype)
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class MLP(nn.Module):
+    """``F(x_in, c_noise)``: a SiLU MLP on ``[x_in, embed(c_noise)]`` returning ``dim`` numbers.
+
+    With ``out_dim=1`` it returns ``(B,)`` (a scalar field, e.g. a discriminator logit).
+    SiLU keeps the input gradient smooth, which guidance needs.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 3, out_dim: int | None = None,
+                 num_freqs: int = 16):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        check_positive_int("hidden", hidden)
+        check_positive_int("depth", depth)
+        self.out_dim = dim if out_dim is None else check_positive_int("out_dim", out_dim)
+        self.embed = FourierEmbedding(num_freqs)
+        layers, width = [], dim + 2 * num_freqs
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, self.out_dim))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([x_in, self.embed(c_noise).to(x_in.dtype)], dim=1)
+        out = self.body(h)
+        return out[:, 0] if self.out_dim == 1 and self.dim != 1 else out
+
+
+def mlp_denoiser(dim: int, sigma_data: float, hidden: int = 256, depth: int = 3) -> EDMPrecond:
+    """An EDM-preconditioned MLP denoiser ``D(x, sigma)`` for ``dim``-dimensional data."""
+    return EDMPrecond(MLP(dim, hidden, depth), sigma_data)
+
+
+def batch_sampler(data, batch_size: int, generator=None, device=None):
+    """Return ``draw() -> (batch_size, ...)`` batches from a tensor (with replacement) or from
+    an object with ``sample(n, generator=...)`` (e.g. a :class:`~dgref.GaussianMixture`)."""
+    check_positive_int("batch_size", batch_size)
+    if isinstance(data, torch.Tensor):
+        check_tensor("data", data, min_ndim=2)
+        n = data.shape[0]
+
+        def draw():
+            idx = torch.randint(n, (batch_size,), generator=generator,
+                                device=generator.device if generator is not None else "cpu")
+            return data[idx.to(data.device)].to(device if device is not None else data.device)
+        return draw
+    if hasattr(data, "sample"):
+        def draw():
+            return data.sample(batch_size, generator=generator).to(device or "cpu")
+        return draw
+    raise TypeError("data must be a tensor of shape (N, ...) or have a .sample(n, generator=) "
+                    f"method, got {type(data).__name__}")
+
+
+def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int = 256,
+                      lr: float = 1e-3, sigma_data: float | None = None, P_mean: float = -1.2,
+                      P_std: float = 1.2, generator=None, optimizer=None,
+                      progress: bool | None = None, start_step: int = 0
+                      ) -> Iterator[dict]:
+    """Train ``denoiser`` with the EDM loss; yields ``{"step", "loss"}`` after every step.
+
+    Adam with a cosine learning-rate decay over ``steps``. Stops with
+    :class:`dgref.NonFiniteError` at the first non-finite loss or gradient, naming the step and
+    the last finite loss. ``sigma_data`` defaults to the denoiser's own.
+    """
+    steps = check_positive_int("steps", steps)
+    check_positive_float("lr", lr)
+    if sigma_data is None:
+        sigma_data = getattr(denoiser, "sigma_data", 0.5)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("denoiser has no trainable parameters")
+    device = params[0].device
+    opt = optimizer or torch.optim.Adam(params, lr=lr)
+    draw = batch_sampler(data, batch_size, generator, device)
+    last = float("nan")
+    denoiser.train()
+    bar = progress_bar(range(start_step, steps), desc="training", progress=progress)
+    for step in bar:
+        for g in opt.param_groups:        # cosine decay, a pure function of the step
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x0 = draw()
+        loss = edm_loss(denoiser, x0, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
+                        generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"non-finite loss {value} at step {step}; last finite loss "
+                                 f"{last:.6g}")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1e6)
+        if not torch.isfinite(gnorm):
+            raise NonFiniteError(f"non-finite gradient at step {step}; last finite loss "
+                                 f"{last:.6g}")
+        opt.step()
+        last = value
+        yield {"step": step, "loss": value}
+    denoiser.eval()
+
+
+def train_denoiser(denoiser: nn.Module, data, *, steps: int, **kwargs) -> list[float]:
+    """Run :func:`edm_training_loop` to the end; return the per-step losses."""
+    return [rec["loss"] for rec in edm_training_loop(denoiser, data, steps=steps, **kwargs)]
