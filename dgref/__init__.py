@@ -5,6 +5,7 @@ hold parameters. See the book's API page for the equation each function implemen
 """
 from ._checks import NonFiniteError
 from ._progress import set_progress
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .edm import (EDMPrecond, SamplerStep, edm_loss, edm_precond_coeffs, edm_sample_sigmas,
                   edm_sampler, edm_sampler_iter, edm_sigma_steps)
 from .guidance import ScoreCorrectedDenoiser, oracle_correction
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NonFiniteError", "set_progress",
+    "CheckpointError", "load_checkpoint", "save_checkpoint",
     "EDMPrecond", "SamplerStep", "edm_loss", "edm_precond_coeffs", "edm_sample_sigmas",
     "edm_sampler", "edm_sampler_iter", "edm_sigma_steps",
     "ScoreCorrectedDenoiser", "oracle_correction",

@@ -62,6 +62,11 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, *args) -> torch.Tensor:
         check_tensor("x", x, min_ndim=2)
+        param = next(self.net.parameters(), None)
+        if param is not None and (param.device != x.device or param.dtype != x.dtype):
+            raise ValueError(f"x is {x.dtype} on {x.device} but the network's parameters are "
+                             f"{param.dtype} on {param.device}; expected the same dtype and "
+                             "device (use .to())")
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
         c_skip, c_out, c_in, c_noise = edm_precond_coeffs(sigma, self.sigma_data)
         f = self.net(_bcast(c_in, x) * x, c_noise, *args)

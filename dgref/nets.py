@@ -115,7 +115,7 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
                         generator=generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteError(f"non-finite loss {value} at step {step}; last finite loss "
                                  f"{last:.6g}")
