@@ -6,8 +6,7 @@ unless the environment variable ``DGREF_PROGRESS=0`` is set or ``set_progress(Fa
 from __future__ import annotations
 
 import os
-
-from tqdm.auto import tqdm
+import warnings
 
 _DEFAULT = {"enabled": os.environ.get("DGREF_PROGRESS", "1") not in ("0", "false", "False", "")}
 
@@ -25,7 +24,18 @@ def progress_bar(iterable=None, *, total=None, desc=None, progress: bool | None 
     """A tqdm bar, or the bare iterable when progress is off."""
     if not progress_enabled(progress):
         return _Null(iterable)
-    return tqdm(iterable, total=total, desc=desc, leave=False, **kwargs)
+    return _tqdm()(iterable, total=total, desc=desc, leave=False, **kwargs)
+
+
+def _tqdm():
+    """``tqdm.auto.tqdm``, imported only when a bar is shown: in a kernel without ipywidgets
+    importing it prints a TqdmWarning, which would otherwise land in every chapter's output."""
+    from tqdm import TqdmExperimentalWarning, TqdmWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        warnings.simplefilter("ignore", TqdmExperimentalWarning)
+        from tqdm.auto import tqdm
+    return tqdm
 
 
 class _Null:

@@ -10,7 +10,8 @@ checks, for whatever chapters the toc lists, that
 * the values reached the chapter: the ``dgref-parameters: {json}`` line it prints equals what
   was injected;
 * every cell that produced an image carries a ``mystnb.figure`` caption, one image per cell,
-  and no progress bar leaked into the outputs;
+  every captioned cell drew its image, and no progress bar or warning leaked into the
+  outputs (they would be printed in the book);
 * a bad value (negative size, wrong type, unknown device) stops the chapter in its set-up
   cell with an error naming the parameter.
 
@@ -37,6 +38,7 @@ NOTEBOOKS = toc_notebooks()
 KERNEL = "dgref-test-python"
 SEED = 7
 PROGRESS_RE = re.compile(r"\d+%\|.*\|")   # a tqdm bar
+WARNING_RE = re.compile(r"\w*Warning\b")    # e.g. "UserWarning: ..." on stderr
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +112,22 @@ def test_chapter_runs_with_injected_parameters(path, kernel_name, tmp_path):
         images = [o for o in cell.get("outputs", []) if o.get("output_type") in
                   ("display_data", "execute_result") and any(
                       k.startswith("image/") for k in o.get("data", {}))]
-        if images:
-            fig = cell.get("metadata", {}).get("mystnb", {}).get("figure", {})
-            if not (isinstance(fig, dict) and str(fig.get("caption", "")).strip()):
-                problems.append(f"cell {i} draws a figure without a mystnb.figure caption")
-            if len(images) > 1:
-                problems.append(f"cell {i} draws {len(images)} figures (one per cell)")
+        fig = cell.get("metadata", {}).get("mystnb", {}).get("figure")
+        if images and not (isinstance(fig, dict) and str(fig.get("caption", "")).strip()):
+            problems.append(f"cell {i} draws a figure without a mystnb.figure caption")
+        if len(images) > 1:
+            problems.append(f"cell {i} draws {len(images)} figures (one per cell)")
+        if fig is not None and not images:
+            problems.append(f"cell {i} has a figure caption but drew no image (plt.show() "
+                            "under a non-inline backend, or the figure closed before display?)")
         for o in cell.get("outputs", []):
-            if o.get("output_type") == "stream" and PROGRESS_RE.search(o.get("text", "")):
+            if o.get("output_type") != "stream":
+                continue
+            if PROGRESS_RE.search(o.get("text", "")):
                 problems.append(f"cell {i} printed a progress bar (set progress off)")
+            elif o.get("name") == "stderr" and WARNING_RE.search(o.get("text", "")):
+                problems.append(f"cell {i} printed a warning into the book: "
+                                f"{o['text'].strip()[:300]}")
     assert not problems, f"{path.name}:\n" + "\n".join(problems)
 
 
