@@ -12,6 +12,11 @@ from .guidance import ScoreCorrectedDenoiser, oracle_correction
 from .likelihood import divergence, kl_divergence, mixture_kl, ode_log_likelihood
 from .nets import MLP, FourierEmbedding, edm_training_loop, mlp_denoiser, train_denoiser
 from .toy import GaussianMixture, grid, mixture_1d, ring
+from .conditional import (LabelledWorld, UniformIntervals, gaussian_pair, labelled_ring,
+                          three_classes_1d, uniform_classes_1d)
+from .cfg import (CFGDenoiser, ConditionalMLP, cfg_loss, cfg_training_loop, classifier_guidance,
+                  conditional_mlp_denoiser, guided_optimum_denoiser)
+from .sde import GridFlow, edm_sde_sampler, grid_density, grid_flow, grid_kl
 from .utils import BatchGenerator, make_generator, randn, resolve_device, seed_everything
 
 __version__ = "0.1.0"
@@ -25,5 +30,10 @@ __all__ = [
     "divergence", "kl_divergence", "mixture_kl", "ode_log_likelihood",
     "MLP", "FourierEmbedding", "edm_training_loop", "mlp_denoiser", "train_denoiser",
     "GaussianMixture", "grid", "mixture_1d", "ring",
+    "LabelledWorld", "UniformIntervals", "gaussian_pair", "labelled_ring", "three_classes_1d",
+    "uniform_classes_1d",
+    "CFGDenoiser", "ConditionalMLP", "cfg_loss", "cfg_training_loop", "classifier_guidance",
+    "conditional_mlp_denoiser", "guided_optimum_denoiser",
+    "GridFlow", "edm_sde_sampler", "grid_density", "grid_flow", "grid_kl",
     "BatchGenerator", "make_generator", "randn", "resolve_device", "seed_everything",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "check_sigma",
     "check_same_device_dtype",
     "check_window",
+    "check_labels",
 ]
 
 
@@ -155,3 +156,29 @@ def check_window(name: str, window) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"{name} must have min <= max, got ({lo}, {hi})")
     return (lo, hi)
+
+
+def check_labels(name: str, labels, batch: int, num_classes: int, *, allow_null: bool = True,
+                 device=None) -> torch.Tensor:
+    """Class labels as a long tensor of shape ``(batch,)`` with entries in ``0..num_classes-1``
+    (or ``num_classes``, the null label, when ``allow_null``). An int is broadcast."""
+    top = num_classes if allow_null else num_classes - 1
+    if isinstance(labels, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(labels)}")
+    if isinstance(labels, numbers.Integral):
+        labels = torch.full((batch,), int(labels), dtype=torch.long, device=device)
+    elif isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+        if labels.ndim == 0:
+            labels = labels.expand(batch)
+        if labels.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
+        labels = labels.long() if device is None else labels.to(device=device, dtype=torch.long)
+    else:
+        raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(labels)}")
+    if labels.numel() and (bool((labels < 0).any()) or bool((labels > top).any())):
+        bad = labels[(labels < 0) | (labels > top)]
+        raise ValueError(f"{name} must be in 0..{top} ({'the last is the null label' if allow_null else 'no null label here'}), "
+                         f"got e.g. {int(bad[0])}")
+    return labels

@@ -1,0 +1,292 @@
+"""Classifier-free and classifier guidance, a conditional MLP, and two training losses.
+
+Book chapter "Classifier-free guidance and the training discrepancy".
+
+Convention used throughout the book (libraries differ): guidance scale ``w`` with ``w = 0``
+meaning *no guidance* (the plain conditional model),
+
+    D_w(x; sigma, c) = (1 + w) D(x; sigma, c) - w D(x; sigma, null)        (eq. cfg-denoiser)
+
+i.e. the score ``grad log p(x | c) + w grad log p(c | x)`` (eq. cfg-score). A *conditional
+denoiser* is a callable ``D(x, sigma, labels)`` with ``labels`` ``(B,)`` in ``0..C`` where ``C``
+is the null label (see :mod:`dgref.conditional`). Guidance wrappers below turn it into a plain
+denoiser ``D(x, sigma)`` for :func:`dgref.edm_sampler`, so the sampler never changes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ._checks import (NonFiniteError, check_finite_float, check_labels, check_positive_float,
+                      check_positive_int, check_sigma, check_tensor)
+from ._progress import progress_bar
+from .edm import EDMPrecond, edm_sample_sigmas
+from .guidance import ScoreCorrectedDenoiser
+from .nets import FourierEmbedding
+from .utils import randn
+
+__all__ = ["CFGDenoiser", "classifier_guidance", "guided_optimum_denoiser", "ConditionalMLP",
+           "conditional_mlp_denoiser", "cfg_loss", "cfg_training_loop"]
+
+
+def _null_of(denoiser, null_label):
+    if null_label is not None:
+        return check_positive_int("null_label", null_label)
+    for obj in (denoiser, getattr(denoiser, "net", None)):
+        v = getattr(obj, "null_label", None)
+        if v is not None:
+            return int(v)
+    raise ValueError("null_label was not given and the denoiser has no 'null_label' attribute; "
+                     "pass null_label=C (the number of classes)")
+
+
+class CFGDenoiser:
+    """Classifier-free guidance as a denoiser ``D_w(x, sigma)`` (book eq. cfg-denoiser).
+
+    ``D_w = (1 + w) D(x, sigma, c) - w D(x, sigma, null)``; ``w = 0`` returns the conditional
+    branch itself (no second call, so it is bitwise the conditional sampler).
+
+    Args:
+        denoiser: conditional denoiser ``D(x, sigma, labels)``.
+        labels: an int class or a ``(B,)`` integer tensor (no null label).
+        weight: guidance scale ``w`` (any finite real; ``w = -1`` is the unconditional model).
+        null_label: the null label; default ``denoiser.null_label`` (or ``denoiser.net``'s).
+    """
+
+    def __init__(self, denoiser, labels, weight: float = 0.0, null_label: int | None = None):
+        self.denoiser = denoiser
+        self.weight = check_finite_float("weight", weight)
+        self.null_label = _null_of(denoiser, null_label)
+        if isinstance(labels, torch.Tensor):
+            check_labels("labels", labels, labels.reshape(-1).shape[0], self.null_label,
+                         allow_null=False)
+        else:
+            check_labels("labels", labels, 1, self.null_label, allow_null=False)
+        self.labels = labels
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        check_tensor("x", x, min_ndim=2)
+        sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
+        lab = check_labels("labels", self.labels, x.shape[0], self.null_label,
+                           allow_null=False, device=x.device)
+        cond = self.denoiser(x, sigma, lab)
+        if self.weight == 0.0:
+            return cond
+        uncond = self.denoiser(x, sigma, torch.full_like(lab, self.null_label))
+        return (1 + self.weight) * cond - self.weight * uncond
+
+
+def classifier_guidance(denoiser, log_classifier, labels, weight: float = 1.0, window=None
+                        ) -> ScoreCorrectedDenoiser:
+    """Classifier guidance ``D + w sigma^2 grad_x log p(c | x; sigma)`` (book eq. cfg-classifier).
+
+    Args:
+        denoiser: a plain denoiser ``D(x, sigma)`` (e.g. the conditional branch bound to ``c``).
+        log_classifier: ``(x, sigma) -> (B, C)`` log class probabilities of the *noisy* input,
+            differentiable in ``x`` (e.g. ``world.log_classifier`` or a trained network).
+        labels: the target class, an int or a ``(B,)`` tensor.
+        weight: ``w``; with the exact classifier and the exact conditional denoiser this equals
+            :class:`CFGDenoiser` at the same ``w`` (Bayes' rule).
+    """
+    check_finite_float("weight", weight)
+    if not callable(log_classifier):
+        raise TypeError(f"log_classifier must be callable, got {type(log_classifier).__name__}")
+
+    def correction(x, sigma):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logp = log_classifier(xg, sigma)                        # (B, C)
+            if logp.ndim != 2 or logp.shape[0] != x.shape[0]:
+                raise ValueError(f"log_classifier must return (B, C), got {tuple(logp.shape)}")
+            lab = check_labels("labels", labels, x.shape[0], logp.shape[1], allow_null=False,
+                               device=x.device)
+            sel = logp.gather(1, lab[:, None]).sum()
+            (g,) = torch.autograd.grad(sel, xg)
+        return g
+
+    return ScoreCorrectedDenoiser(denoiser, correction, weight, window)
+
+
+def guided_optimum_denoiser(denoiser, w_train: float, null_label: int | None = None):
+    """The population optimum of the guidance-aware loss (our reading of Patel et al. 2023;
+    book eq. cfg-guided-optimum): ``(D(x, c) + w_tr D(x, null)) / (1 + w_tr)`` for class rows,
+    ``D(x, null)`` for null rows, given the exact conditional denoiser ``denoiser``.
+
+    Sampling it with CFG at scale ``w'`` equals sampling the exact model at
+    ``w_eff = (w' - w_tr) / (1 + w_tr)``.
+    """
+    w = check_finite_float("w_train", w_train)
+    if w <= -1:
+        raise ValueError(f"w_train must be > -1, got {w}")
+    null = _null_of(denoiser, null_label)
+
+    def D(x, sigma, labels):
+        lab = check_labels("labels", labels, x.shape[0], null, device=x.device)
+        cond = denoiser(x, sigma, lab)
+        uncond = denoiser(x, sigma, torch.full_like(lab, null))
+        mixed = (cond + w * uncond) / (1 + w)
+        return torch.where((lab == null).reshape(-1, *([1] * (x.ndim - 1))), uncond, mixed)
+
+    D.null_label = null
+    return D
+
+
+class ConditionalMLP(nn.Module):
+    """``F(x_in, c_noise, labels)``: a SiLU MLP on ``[x_in, embed(c_noise), embed(label)]``.
+
+    ``labels`` ``(B,)`` in ``0..num_classes``; the last value is the null label (its own learned
+    embedding), trained by label dropout.
+    """
+
+    def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3,
+                 num_freqs: int = 16, label_dim: int = 16):
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.null_label = self.num_classes
+        check_positive_int("hidden", hidden)
+        check_positive_int("depth", depth)
+        check_positive_int("label_dim", label_dim)
+        self.embed = FourierEmbedding(num_freqs)
+        self.label_embed = nn.Embedding(num_classes + 1, label_dim)
+        layers, width = [], dim + 2 * num_freqs + label_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels) -> torch.Tensor:
+        lab = check_labels("labels", labels, x_in.shape[0], self.num_classes, device=x_in.device)
+        h = torch.cat([x_in, self.embed(c_noise).to(x_in.dtype),
+                       self.label_embed(lab).to(x_in.dtype)], dim=1)
+        return self.body(h)
+
+
+def conditional_mlp_denoiser(dim: int, num_classes: int, sigma_data: float, hidden: int = 128,
+                             depth: int = 3) -> EDMPrecond:
+    """An EDM-preconditioned :class:`ConditionalMLP`: ``D(x, sigma, labels)``; null = num_classes."""
+    pre = EDMPrecond(ConditionalMLP(dim, num_classes, hidden, depth), sigma_data)
+    pre.null_label = num_classes
+    return pre
+
+
+_LOSSES = ("standard", "guided")
+
+
+def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "standard",
+             w_train: float = 0.0, p_uncond: float = 0.1, null_label: int | None = None,
+             sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
+             generator=None, sigma=None, reduction: str = "mean") -> torch.Tensor:
+    """The EDM loss with label dropout, standard or guidance-aware (book eq. cfg-loss, cfg-guided-loss).
+
+    Each label is replaced by the null label with probability ``p_uncond``. Then, with
+    ``x = x0 + sigma n`` and ``lambda(sigma)`` the EDM weight,
+
+    - ``loss="standard"``: ``lambda |D(x, sigma, c_in) - x0|^2`` (Ho & Salimans 2022);
+    - ``loss="guided"`` (our reading of Patel et al. 2023, [unconfirmed]):
+      ``lambda |(1 + w_tr) D(x, sigma, c_in) - w_tr D(x, sigma, null) - x0|^2``; on dropped rows
+      this is the standard unconditional term. Gradients flow through both branches.
+
+    With ``w_train = 0`` the two coincide (same random draws in the same order).
+    """
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    check_tensor("x0", x0, min_ndim=2)
+    w = check_finite_float("w_train", w_train)
+    p = check_positive_float("p_uncond", p_uncond, allow_zero=True)
+    if p > 1:
+        raise ValueError(f"p_uncond must be in [0, 1], got {p}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    check_positive_float("sigma_data", sigma_data)
+    null = _null_of(denoiser, null_label)
+    B = x0.shape[0]
+    lab = check_labels("labels", labels, B, null, device=x0.device)
+    if sigma is None:
+        sigma = edm_sample_sigmas(B, P_mean=P_mean, P_std=P_std, generator=generator,
+                                  device=x0.device, dtype=x0.dtype)
+    else:
+        sigma = check_sigma("sigma", sigma, B, like=x0)
+    gdev = generator.device if isinstance(generator, torch.Generator) else x0.device
+    drop = torch.rand((B,), generator=generator, device=gdev).to(x0.device) < p
+    lab_in = torch.where(drop, torch.full_like(lab, null), lab)
+    n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
+    sb = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    x = x0 + sb * n
+    if loss == "standard":
+        pred = denoiser(x, sigma, lab_in)
+    else:
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                        torch.cat([lab_in, torch.full_like(lab, null)]))
+        pred = (1 + w) * both[:B] - w * both[B:]
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    per = weight * ((pred - x0) ** 2).flatten(1).sum(1)
+    return per.mean() if reduction == "mean" else per
+
+
+def cfg_training_loop(denoiser: nn.Module, data, labels=None, *, steps: int,
+                      loss: str = "standard", w_train: float = 0.0, p_uncond: float = 0.1,
+                      batch_size: int = 256, lr: float = 1e-3, sigma_data: float | None = None,
+                      null_label: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
+                      generator=None, progress: bool | None = None) -> Iterator[dict]:
+    """Train a conditional denoiser with :func:`cfg_loss`; yields ``{"step", "loss"}`` per step.
+
+    ``data`` is either a tensor ``(N, dim)`` with ``labels`` ``(N,)`` (batches drawn with
+    replacement) or a :class:`dgref.LabelledWorld` (fresh samples each step, ``labels=None``).
+    Adam with cosine decay, as :func:`dgref.edm_training_loop`.
+    """
+    steps = check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
+    check_positive_float("lr", lr)
+    null = _null_of(denoiser, null_label)
+    if sigma_data is None:
+        sigma_data = getattr(denoiser, "sigma_data", 0.5)
+    if isinstance(data, torch.Tensor):
+        check_tensor("data", data, ndim=2)
+        if labels is None:
+            raise ValueError("labels must be given (shape (N,)) when data is a tensor")
+        labels = check_labels("labels", labels, data.shape[0], null, allow_null=False)
+        N = data.shape[0]
+
+        def draw():
+            gdev = generator.device if generator is not None else "cpu"
+            idx = torch.randint(N, (batch_size,), generator=generator, device=gdev).cpu()
+            return data[idx], labels[idx]
+    elif hasattr(data, "sample") and hasattr(data, "null_label"):
+        if labels is not None:
+            raise ValueError("labels must be None when data is a LabelledWorld")
+
+        def draw():
+            return data.sample(batch_size, generator=generator)
+    else:
+        raise TypeError("data must be a tensor (N, dim) with labels, or a dgref.LabelledWorld, "
+                        f"got {type(data).__name__}")
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("denoiser has no trainable parameters")
+    device = params[0].device
+    opt = torch.optim.Adam(params, lr=lr)
+    denoiser.train()
+    last = float("nan")
+    for step in progress_bar(range(steps), desc="training", progress=progress):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x0, lab = draw()
+        x0, lab = x0.to(device, params[0].dtype), lab.to(device)
+        value_t = cfg_loss(denoiser, x0, lab, loss=loss, w_train=w_train, p_uncond=p_uncond,
+                           null_label=null, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
+                           generator=generator)
+        opt.zero_grad(set_to_none=True)
+        value_t.backward()
+        value = float(value_t.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError(f"non-finite loss {value} at step {step}; last finite loss "
+                                 f"{last:.6g}")
+        opt.step()
+        last = value
+        yield {"step": step, "loss": value}
+    denoiser.eval()
