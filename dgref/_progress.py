@@ -12,7 +12,11 @@ _DEFAULT = {"enabled": os.environ.get("DGREF_PROGRESS", "1") not in ("0", "false
 
 
 def set_progress(enabled: bool) -> None:
-    """Turn progress bars of all dgref loops on or off (the default for ``progress=None``)."""
+    """Turn progress bars of all dgref loops on or off (the default for ``progress=None``).
+
+    The book's chapters switch them off (:func:`dgref.book.setup_chapter` calls
+    ``set_progress(False)``), so no bar is printed into the book.
+    """
     _DEFAULT["enabled"] = bool(enabled)
 
 

@@ -78,7 +78,10 @@ class EDMPrecond(nn.Module):
 
 def edm_sample_sigmas(batch: int, *, P_mean: float = -1.2, P_std: float = 1.2,
                       generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Training noise levels ``ln sigma ~ N(P_mean, P_std^2)``, shape ``(batch,)`` (EDM sec. 5)."""
+    """Training noise levels ``ln sigma ~ N(P_mean, P_std^2)``, shape ``(batch,)``.
+
+    The noise distribution of the EDM loss (Karras et al. 2022, sec. 5; book eq. edm-loss).
+    """
     check_positive_int("batch", batch)
     check_finite_float("P_mean", P_mean)
     check_positive_float("P_std", P_std)

@@ -53,6 +53,8 @@ class ScoreCorrectedDenoiser:
 def oracle_correction(data, model):
     """The exact correction ``c(x, sigma) = grad log p_sigma - grad log q_sigma`` for two mixtures.
 
+    The oracle field ``c`` of book eq. guided-denoiser, in closed form from eq. mixture.
+
     With ``w = 1`` and the model's exact denoiser, :class:`ScoreCorrectedDenoiser` then equals
     the data's exact denoiser (Kim et al. 2023, Theorem 1, in its exact form).
     """

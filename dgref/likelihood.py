@@ -27,6 +27,8 @@ def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = 
                probes: torch.Tensor | None = None, extra_args=()):
     """Return ``(D(x; sigma), div_x D(x; sigma))`` for ``x`` of shape ``(B, dim)``.
 
+    The divergence term of the probability-flow likelihood (book eq. ode-loglik).
+
     ``method="exact"`` uses ``dim`` vector-Jacobian products on the whole batch;
     ``"hutchinson"`` uses ``probes`` ``(P, B, dim)`` and returns the unbiased estimate
     ``mean_p eps_p^T J eps_p``.
@@ -131,7 +133,10 @@ def kl_divergence(data, denoiser, *, num_points: int = 2000, generator=None, x=N
 
 
 def mixture_kl(p, q, *, num_points: int = 100_000, generator=None) -> tuple[float, float]:
-    """Monte Carlo ``KL(p || q)`` between two mixtures with exact densities: ``(kl, se)``."""
+    """Monte Carlo ``KL(p || q)`` between two mixtures with exact densities: ``(kl, se)``.
+
+    ``mean log p(x) - log q(x)`` over ``x ~ p``, both densities closed form (book eq. mixture).
+    """
     check_positive_int("num_points", num_points)
     x = p.sample(num_points, generator=generator, dtype=torch.float64)
     return _mean_se(p.log_prob(x) - q.log_prob(x))

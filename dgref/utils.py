@@ -15,6 +15,8 @@ __all__ = ["resolve_device", "seed_everything", "BatchGenerator", "randn", "make
 def resolve_device(device=None) -> torch.device:
     """Turn ``None``/``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` into a ``torch.device``.
 
+    Resolves the ``device`` parameter of every book chapter (see the book's introduction).
+
     ``None`` and ``"auto"`` pick CUDA when it is present, else the CPU. Asking for CUDA on a
     machine without it raises a ``ValueError`` naming the argument.
     """
@@ -39,7 +41,11 @@ def resolve_device(device=None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch's global generators (dgref itself uses explicit ones)."""
+    """Seed Python, NumPy and torch's global generators (dgref itself uses explicit ones).
+
+    Applies the ``seed`` parameter of every book chapter (called by
+    :func:`dgref.book.setup_chapter`).
+    """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     random.seed(seed)
@@ -48,7 +54,10 @@ def seed_everything(seed: int) -> None:
 
 
 def make_generator(seed: int, device=None) -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``.
+
+    The explicit ``generator=`` that the book's chapters pass wherever randomness enters.
+    """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return torch.Generator(device=resolve_device(device) if device is not None else "cpu"
@@ -84,7 +93,10 @@ class BatchGenerator:
 
 
 def randn(shape, generator=None, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Standard normal noise from a ``torch.Generator`` or a :class:`BatchGenerator`."""
+    """Standard normal noise from a ``torch.Generator`` or a :class:`BatchGenerator`.
+
+    The noise ``n ~ N(0, I)`` of ``x = x0 + sigma n`` (book: Notation page).
+    """
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0:
         raise ValueError("shape must have at least one dimension (the batch)")
