@@ -74,6 +74,19 @@ def test_notebook_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
+def test_notebook_declares_python_kernel(path):
+    """``papermill book/NAME.ipynb out.ipynb -p seed 3`` (the intro's example) needs the
+    notebook's kernelspec: without it papermill stops with "No language found in notebook"."""
+    meta = read_notebook(path).metadata
+    ks = meta.get("kernelspec", {})
+    language = ks.get("language") or meta.get("language_info", {}).get("name")
+    assert ks.get("name") == "python3" and language == "python", \
+        (f"{path.name}: notebook metadata lacks kernelspec python3/python (got {dict(ks)}); "
+         f"convert with `jupytext --set-kernel python3 --to ipynb -o {path.relative_to(ROOT)} "
+         f"...`")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
 def test_notebook_parameters_convention(path):
     """Cell 2 is tagged ``parameters`` (seed=0, device="auto", quick=True, sizes None) and the
     cell right after it calls ``dgref.book.setup_chapter("<file stem>", ...)`` with every size."""
