@@ -50,6 +50,14 @@ class MLP(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, self.out_dim))
         self.body = nn.Sequential(*layers)
+        # Initialise the first layer as if x_in and the noise embedding had separate layers
+        # (uniform +-1/sqrt(fan_in) for each group). With one shared fan-in of dim + 2 num_freqs
+        # the few x columns start so small that the net is nearly linear in x and does not
+        # learn a multi-modal denoiser in thousands of steps (measured on the ring).
+        first = self.body[0]
+        with torch.no_grad():
+            first.weight[:, :dim].uniform_(-dim ** -0.5, dim ** -0.5)
+            first.weight[:, dim:].uniform_(-(2 * num_freqs) ** -0.5, (2 * num_freqs) ** -0.5)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         h = torch.cat([x_in, self.embed(c_noise).to(x_in.dtype)], dim=1)
