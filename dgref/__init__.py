@@ -6,6 +6,11 @@ hold parameters. See the book's API page for the equation each function implemen
 from ._checks import NonFiniteError
 from ._progress import set_progress
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .discriminator import (Discriminator, ce_loss, dg_sampler_kwargs,
+                            discriminator_correction, discriminator_guidance,
+                            discriminator_training_loop, guided_kl, kl_loss, logit_and_grad,
+                            oracle_logit, sample_training_sigmas, score_error_kl,
+                            train_discriminator)
 from .edm import (EDMPrecond, SamplerStep, edm_loss, edm_precond_coeffs, edm_sample_sigmas,
                   edm_sampler, edm_sampler_iter, edm_sigma_steps)
 from .guidance import ScoreCorrectedDenoiser, oracle_correction
@@ -36,4 +41,8 @@ __all__ = [
     "conditional_mlp_denoiser", "guided_optimum_denoiser",
     "GridFlow", "edm_sde_sampler", "grid_density", "grid_flow", "grid_kl",
     "BatchGenerator", "make_generator", "randn", "resolve_device", "seed_everything",
+    "Discriminator", "ce_loss", "dg_sampler_kwargs", "discriminator_correction",
+    "discriminator_guidance", "discriminator_training_loop", "guided_kl", "kl_loss",
+    "logit_and_grad", "oracle_logit", "sample_training_sigmas", "score_error_kl",
+    "train_discriminator",
 ]
