@@ -147,8 +147,7 @@ def test_figure_cells_have_captions(path):
         if cell.cell_type != "code":
             continue
         fig = cell.get("metadata", {}).get("mystnb", {}).get("figure")
-        draws = _draws_at_top_level(cell.source) or (
-            "hide-input" in cell_tags(cell) and "plt" in cell.source)
+        draws = _draws_at_top_level(cell.source)
         if fig is not None:
             if not (isinstance(fig, dict) and str(fig.get("caption", "")).strip()
                     and str(fig.get("name", "")).strip()):

@@ -3,7 +3,8 @@
 Serves ``_build/html`` on an ephemeral localhost port and, for each page, checks that math is
 typeset by MathJax (every ``.math`` element holds an ``mjx-container``; no raw ``$$`` in the
 visible text), that every ``<img>`` loaded, that no request left localhost and no local file
-was missing (HTTP >= 400), and that the page raised no JavaScript error. A screenshot of the
+was missing (HTTP >= 400), that every figure a cell drew is shown with a caption, and that
+the page raised no JavaScript error. A screenshot of the
 first chapter goes to ``_build/screenshots/`` (a CI artefact).
 
 Skipped, with the reason, when Chromium or the built book is absent, unless the environment
@@ -98,7 +99,9 @@ _WAIT_FOR_IMAGES = """async () => {
   imgs.forEach(img => { img.loading = 'eager'; });
   await Promise.all(imgs.map(img => img.complete ? null :
       new Promise(r => { img.addEventListener('load', r); img.addEventListener('error', r); })));
-  return imgs.map(img => ({src: img.getAttribute('src'), w: img.naturalWidth}));
+  return imgs.map(img => ({src: img.getAttribute('src'), w: img.naturalWidth,
+      output: !!img.closest('.cell_output'),
+      caption: !!(img.closest('figure') && img.closest('figure').querySelector('figcaption'))}));
 }"""
 
 _MATH_STATE = """() => {
@@ -147,6 +150,8 @@ def test_page_in_browser(page, server, browser):
     assert not failed, f"{page.name}: local requests failed: {failed}"
     broken = [i["src"] for i in images if not i["w"]]
     assert not broken, f"{page.name}: images that did not load: {broken}"
+    uncaptioned = [i["src"] for i in images if i["output"] and not i["caption"]]
+    assert not uncaptioned, f"{page.name}: figures without a caption: {uncaptioned}"
     if state["n_math"]:
         assert has_mathjax, f"{page.name}: has math but MathJax did not load"
         assert not state["untypeset"], \
