@@ -5,6 +5,7 @@ hold parameters. See the book's API page for the equation each function implemen
 """
 from ._checks import NonFiniteError
 from ._progress import set_progress
+from . import book  # noqa: F401  (every chapter calls dgref.book.setup_chapter)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .discriminator import (Discriminator, ce_loss, dg_sampler_kwargs,
                             discriminator_correction, discriminator_guidance,
