@@ -22,7 +22,7 @@ from .conditional import (LabelledWorld, UniformIntervals, gaussian_pair, labell
                           three_classes_1d, uniform_classes_1d)
 from .cfg import (CFGDenoiser, ConditionalMLP, cfg_loss, cfg_training_loop, classifier_guidance,
                   conditional_mlp_denoiser, guided_optimum_denoiser)
-from .sde import GridFlow, edm_sde_sampler, grid_density, grid_flow, grid_kl
+from .sde import GridFlow, edm_sde_sampler, grid_density, grid_flow, grid_kl, grid_w1
 from .utils import BatchGenerator, make_generator, randn, resolve_device, seed_everything
 
 __version__ = "0.1.0"
@@ -40,7 +40,7 @@ __all__ = [
     "uniform_classes_1d",
     "CFGDenoiser", "ConditionalMLP", "cfg_loss", "cfg_training_loop", "classifier_guidance",
     "conditional_mlp_denoiser", "guided_optimum_denoiser",
-    "GridFlow", "edm_sde_sampler", "grid_density", "grid_flow", "grid_kl",
+    "GridFlow", "edm_sde_sampler", "grid_density", "grid_flow", "grid_kl", "grid_w1",
     "BatchGenerator", "make_generator", "randn", "resolve_device", "seed_everything",
     "Discriminator", "ce_loss", "dg_sampler_kwargs", "discriminator_correction",
     "discriminator_guidance", "discriminator_training_loop", "guided_kl", "kl_loss",
