@@ -80,10 +80,10 @@ def test_notebook_declares_python_kernel(path):
     meta = read_notebook(path).metadata
     ks = meta.get("kernelspec", {})
     language = ks.get("language") or meta.get("language_info", {}).get("name")
-    assert ks.get("name") == "python3" and language == "python", \
-        (f"{path.name}: notebook metadata lacks kernelspec python3/python (got {dict(ks)}); "
-         f"convert with `jupytext --set-kernel python3 --to ipynb -o {path.relative_to(ROOT)} "
-         f"...`")
+    if not (ks.get("name") == "python3" and language == "python"):
+        pytest.fail(f"{path.name}: notebook metadata lacks kernelspec python3/python (got "
+                    f"{dict(ks)}); convert with `jupytext --set-kernel python3 --to ipynb -o "
+                    f"{path.relative_to(ROOT)} ...`")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)
