@@ -24,6 +24,16 @@ from .cfg import (CFGDenoiser, ConditionalMLP, cfg_loss, cfg_training_loop, clas
                   conditional_mlp_denoiser, guided_optimum_denoiser)
 from .sde import GridFlow, edm_sde_sampler, grid_density, grid_flow, grid_kl, grid_w1
 from .utils import BatchGenerator, make_generator, randn, resolve_device, seed_everything
+from .cache import (CacheConfigError, CacheError, cache_path, cached, default_cache_dir,
+                    load_cached, save_cached)
+from .images import (DigitImages, ImageDiscriminator, UNet, generate_images, image_grid,
+                     load_digit_images, unet_denoiser)
+from .metrics import (DigitClassifier, bootstrap_interval, class_histogram, classifier_accuracy,
+                      evaluate_samples, extract_features, frechet_distance,
+                      gaussian_frechet_distance, kernel_distance, kernel_distance_bootstrap,
+                      precision_recall, total_variation, train_classifier, wilson_interval)
+from .image_experiment import (IMAGES_FULL, IMAGES_QUICK, ImagesExperiment,
+                               format_metrics_table, images_config)
 
 __version__ = "0.1.0"
 
@@ -46,4 +56,13 @@ __all__ = [
     "discriminator_guidance", "discriminator_training_loop", "guided_kl", "kl_loss",
     "logit_and_grad", "oracle_logit", "sample_training_sigmas", "score_error_kl",
     "train_discriminator",
+    "CacheConfigError", "CacheError", "cache_path", "cached", "default_cache_dir", "load_cached",
+    "save_cached",
+    "DigitImages", "ImageDiscriminator", "UNet", "generate_images", "image_grid",
+    "load_digit_images", "unet_denoiser",
+    "DigitClassifier", "bootstrap_interval", "class_histogram", "classifier_accuracy",
+    "evaluate_samples", "extract_features", "frechet_distance", "gaussian_frechet_distance",
+    "kernel_distance", "kernel_distance_bootstrap", "precision_recall", "total_variation",
+    "train_classifier", "wilson_interval",
+    "IMAGES_FULL", "IMAGES_QUICK", "ImagesExperiment", "format_metrics_table", "images_config",
 ]

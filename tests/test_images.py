@@ -328,3 +328,19 @@ def test_experiment_cache_survives_rerun(tmp_path):
                                 "samples-kl": False}
     with pytest.raises(ValueError, match="unknown key"):
         images_config(True, overrides={"denoiser": {"stepz": 1}})
+
+
+def test_kernel_bootstrap_matches_resampling(gen):
+    """The quadratic-form bootstrap gives the replicates that recomputing on resampled rows does."""
+    from dgref.metrics import kernel_distance_bootstrap
+    a = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(30, 3, generator=gen, dtype=torch.float64) + 0.5
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    fast = kernel_distance_bootstrap(a, b, num_boot=30, generator=g1)
+    # same draws, in the same order: all a-resamplings first, then all b-resamplings
+    ia = [torch.randint(40, (40,), generator=g2) for _ in range(30)]
+    ib = [torch.randint(30, (30,), generator=g2) for _ in range(30)]
+    reps = torch.tensor([kernel_distance(a[i], b[j]) for i, j in zip(ia, ib)])
+    centre, half = kernel_distance(a, b), 1.959963984540054 * float(reps.std())
+    assert math.isclose(fast[0], centre - half, rel_tol=1e-6)
+    assert math.isclose(fast[1], centre + half, rel_tol=1e-6)
