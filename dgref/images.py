@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,28 @@ class DigitImages(NamedTuple):
     y_heldout: torch.Tensor
 
 
+def _digits_arrays():
+    """The 1797 digits as ``(pixels (N, 64), labels (N,))`` numpy arrays.
+
+    From scikit-learn's bundled copy (no download); where scikit-learn is not installed, from
+    the same file (``digits.csv.gz``: 64 pixel columns and the label) named by the environment
+    variable ``DGREF_DIGITS_CSV``.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        path = os.environ.get("DGREF_DIGITS_CSV")
+        if not path or not os.path.isfile(path):
+            raise ImportError("load_digit_images needs scikit-learn (its bundled digits) or "
+                              "DGREF_DIGITS_CSV naming a copy of its digits.csv.gz; got "
+                              f"DGREF_DIGITS_CSV={path!r}") from None
+        import numpy as np
+        table = np.loadtxt(path, delimiter=",")                  # (N, 65)
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 def load_digit_images(image_size: int = 8, *, heldout_fraction: float = 0.2, seed: int = 0,
                       device=None, dtype=torch.float32) -> DigitImages:
     """scikit-learn's 8x8 digits as images in ``[-1, 1]``, split by a seeded permutation.
@@ -45,8 +68,6 @@ def load_digit_images(image_size: int = 8, *, heldout_fraction: float = 0.2, see
     of input pixels, so the range stays ``[-1, 1]``). The split depends only on ``seed`` and
     ``heldout_fraction``: ``round(heldout_fraction * 1797)`` images are held out.
     """
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
     size = check_positive_int("image_size", image_size)
     if size < 8:
         raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {size}")
@@ -55,9 +76,9 @@ def load_digit_images(image_size: int = 8, *, heldout_fraction: float = 0.2, see
         raise ValueError(f"heldout_fraction must be in (0, 1), got {frac}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float64) / 8.0 - 1.0     # (N, 8, 8)
-    y = torch.as_tensor(digits.target, dtype=torch.long)                    # (N,)
+    pixels, labels = _digits_arrays()
+    x = torch.as_tensor(pixels, dtype=torch.float64).reshape(-1, 8, 8) / 8.0 - 1.0  # (N, 8, 8)
+    y = torch.as_tensor(labels, dtype=torch.long)                                 # (N,)
     x = x[:, None]                                                          # (N, 1, 8, 8)
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

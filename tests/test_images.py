@@ -344,3 +344,25 @@ def test_kernel_bootstrap_matches_resampling(gen):
     centre, half = kernel_distance(a, b), 1.959963984540054 * float(reps.std())
     assert math.isclose(fast[0], centre - half, rel_tol=1e-6)
     assert math.isclose(fast[1], centre + half, rel_tol=1e-6)
+
+
+def test_digits_fallback_without_sklearn(tmp_path, monkeypatch):
+    """Without scikit-learn, the same digits come from DGREF_DIGITS_CSV."""
+    import gzip
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    path = tmp_path / "digits.csv.gz"
+    with gzip.open(path, "wt") as fh:
+        np.savetxt(fh, np.column_stack([d.data, d.target]), delimiter=",", fmt="%d")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)       # import now fails
+    monkeypatch.delenv("DGREF_DIGITS_CSV", raising=False)
+    with pytest.raises(ImportError, match="DGREF_DIGITS_CSV"):
+        load_digit_images(8)
+    monkeypatch.setenv("DGREF_DIGITS_CSV", str(path))
+    a = load_digit_images(8, seed=2)
+    monkeypatch.undo()
+    b = load_digit_images(8, seed=2)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_heldout, b.y_heldout)
