@@ -168,7 +168,8 @@ class ConditionalMLP(nn.Module):
 
 def conditional_mlp_denoiser(dim: int, num_classes: int, sigma_data: float, hidden: int = 128,
                              depth: int = 3) -> EDMPrecond:
-    """An EDM-preconditioned :class:`ConditionalMLP`: ``D(x, sigma, labels)``; null = num_classes."""
+    """An EDM-preconditioned :class:`ConditionalMLP` (book eq. edm-precond with a label):
+    ``D(x, sigma, labels)``; the null label is ``num_classes``."""
     pre = EDMPrecond(ConditionalMLP(dim, num_classes, hidden, depth), sigma_data)
     pre.null_label = num_classes
     return pre
@@ -181,7 +182,8 @@ def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "s
              w_train: float = 0.0, p_uncond: float = 0.1, null_label: int | None = None,
              sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2,
              generator=None, sigma=None, reduction: str = "mean") -> torch.Tensor:
-    """The EDM loss with label dropout, standard or guidance-aware (book eq. cfg-loss, cfg-guided-loss).
+    """The EDM loss with label dropout, standard (book eq. cfg-loss) or guidance-aware (book eq.
+    cfg-guided-loss).
 
     Each label is replaced by the null label with probability ``p_uncond``. Then, with
     ``x = x0 + sigma n`` and ``lambda(sigma)`` the EDM weight,
@@ -233,7 +235,8 @@ def cfg_training_loop(denoiser: nn.Module, data, labels=None, *, steps: int,
                       batch_size: int = 256, lr: float = 1e-3, sigma_data: float | None = None,
                       null_label: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
                       generator=None, progress: bool | None = None) -> Iterator[dict]:
-    """Train a conditional denoiser with :func:`cfg_loss`; yields ``{"step", "loss"}`` per step.
+    """Train a conditional denoiser with :func:`cfg_loss` (book eq. cfg-loss or cfg-guided-loss);
+    yields ``{"step", "loss"}`` per step.
 
     ``data`` is either a tensor ``(N, dim)`` with ``labels`` ``(N,)`` (batches drawn with
     replacement) or a :class:`dgref.LabelledWorld` (fresh samples each step, ``labels=None``).

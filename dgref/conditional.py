@@ -308,7 +308,8 @@ class LabelledWorld:
         return (self.denoise(x, s, lab) - self.denoise(x, s)) / s[:, None] ** 2
 
     def tilted_log_density(self, x: torch.Tensor, c: int, w: float) -> torch.Tensor:
-        """Unnormalised ``log p(x | c) + w log p(c | x)`` at sigma = 0 (eq. cfg-tilted), ``(B,)``."""
+        """Unnormalised ``log p(x | c) + w log p(c | x)`` at sigma = 0 (book eq. cfg-tilted);
+        shape ``(B,)``."""
         c = self._class_index(c)
         w = check_finite_float("w", w)
         lc = self.class_log_prob(x, 0.0)[:, c]
@@ -332,8 +333,11 @@ class LabelledWorld:
 
 # -- presets -------------------------------------------------------------------------------------
 def gaussian_pair(separation: float = 2.0, std: float = 0.5, weights=None) -> LabelledWorld:
-    """Two 1-D Gaussian classes ``N(-separation/2, std^2)`` (class 0) and ``N(+separation/2, std^2)``
-    (class 1): each class-conditional is one Gaussian, the unconditional a two-Gaussian mixture."""
+    """The book's Gaussian pair (chapters cfg and guidance_theory, eq. cfg-bayes).
+
+    Two 1-D Gaussian classes ``N(-separation/2, std^2)`` (class 0) and ``N(+separation/2,
+    std^2)`` (class 1): each class-conditional is one Gaussian, the unconditional a mixture.
+    """
     check_positive_float("separation", separation)
     check_positive_float("std", std)
     m = separation / 2
@@ -343,7 +347,7 @@ def gaussian_pair(separation: float = 2.0, std: float = 0.5, weights=None) -> La
 
 def three_classes_1d(spacing: float = 2.0, std: float = 0.5, weights=None) -> LabelledWorld:
     """Three 1-D Gaussian classes at ``-spacing, 0, +spacing`` (labels 0, 1, 2): the middle class
-    of Wu et al. (2024)."""
+    of Wu et al. (2024) (book chapter guidance_theory, eq. guidance-theory-baseline)."""
     check_positive_float("spacing", spacing)
     check_positive_float("std", std)
     means = torch.tensor([[-spacing], [0.0], [spacing]], dtype=torch.float64)
@@ -352,8 +356,11 @@ def three_classes_1d(spacing: float = 2.0, std: float = 0.5, weights=None) -> La
 
 def labelled_ring(num_modes: int = 6, num_classes: int = 3, radius: float = 2.0,
                   std: float = 0.3) -> LabelledWorld:
-    """A 2-D world: ``num_modes`` Gaussians on a circle, mode ``k`` in class ``k % num_classes``;
-    with the defaults each class is two opposite modes (a multimodal class-conditional)."""
+    """A 2-D labelled world (book chapter guidance_theory, eq. guidance-theory-baseline).
+
+    ``num_modes`` Gaussians on a circle, mode ``k`` in class ``k % num_classes``; with the
+    defaults each class is two opposite modes (a multimodal class-conditional).
+    """
     check_positive_int("num_modes", num_modes)
     check_positive_int("num_classes", num_classes)
     if num_classes > num_modes:
@@ -365,7 +372,10 @@ def labelled_ring(num_modes: int = 6, num_classes: int = 3, radius: float = 2.0,
 
 
 def uniform_classes_1d(intervals=((-2.0, -0.5), (0.5, 2.0)), weights=None) -> LabelledWorld:
-    """Compactly supported 1-D classes: class ``k`` uniform on ``intervals[k]`` (exact closed form
-    at every sigma, see :class:`UniformIntervals`); the Chidambaram et al. (2024) setting."""
+    """Compactly supported 1-D classes (book chapter guidance_theory, edge and off-support cases).
+
+    Class ``k`` is uniform on ``intervals[k]`` (exact closed form at every sigma, see
+    :class:`UniformIntervals`); the Chidambaram et al. (2024) setting.
+    """
     iv = torch.as_tensor(intervals, dtype=torch.float64)
     return LabelledWorld(UniformIntervals(iv, weights, labels=torch.arange(iv.shape[0])))

@@ -50,7 +50,7 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
                     sigmas=None, method: str = "euler_maruyama", generator=None,
                     extra_args=(), progress: bool | None = None, check_finite: bool = True
                     ) -> torch.Tensor:
-    """Sample the reverse SDE (book Algorithm guidance-theory-sde) with any denoiser ``D(x, sigma)``.
+    """Sample the reverse SDE (book eq. guidance-theory-sde) with any denoiser ``D(x, sigma)``.
 
     Steps run over the EDM levels ``t_0 > ... > t_{N-1} > t_N = 0`` (``sigmas`` overrides them);
     ``x = t_0 * latents`` at the start. For each step ``t -> t' > 0``:
@@ -201,7 +201,8 @@ def grid_density(log_density: Callable[[torch.Tensor], torch.Tensor], lo: float,
 
 def grid_kl(flow: GridFlow, log_target: Callable[[torch.Tensor], torch.Tensor], lo: float,
             hi: float, num_points: int = 20001) -> float:
-    """``KL(q || target) = E_q[log q(Y) - log target(Y)]`` for the grid-flow output ``q`` and an
+    """``KL(q || target) = E_q[log q(Y) - log target(Y)]`` (book chapter cfg, eq. cfg-tilted as
+    the target) for the grid-flow output ``q`` and an
     unnormalised 1-D target, normalised by quadrature on ``[lo, hi]``; needs a monotone flow."""
     if not isinstance(flow, GridFlow):
         raise TypeError(f"flow must be a dgref.GridFlow, got {type(flow).__name__}")
@@ -214,7 +215,8 @@ def grid_kl(flow: GridFlow, log_target: Callable[[torch.Tensor], torch.Tensor], 
 
 def grid_w1(flow: GridFlow, log_target: Callable[[torch.Tensor], torch.Tensor], lo: float,
             hi: float, num_points: int = 20001) -> float:
-    """Wasserstein-1 distance ``int |F_q(u) - F_target(u)| du`` on ``[lo, hi]`` between the grid-flow
+    """Wasserstein-1 distance ``int |F_q(u) - F_target(u)| du`` (book chapter cfg, trained
+    models) on ``[lo, hi]`` between the grid-flow
     output and an unnormalised 1-D target; needs no monotone map (unlike :func:`grid_kl`)."""
     if not isinstance(flow, GridFlow):
         raise TypeError(f"flow must be a dgref.GridFlow, got {type(flow).__name__}")
