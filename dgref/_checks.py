@@ -138,6 +138,14 @@ def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool 
                              f"{tuple(sigma.shape)}")
     if sigma.device.type != "cpu" and not DEVICE_VALUE_CHECKS["enabled"]:
         return sigma                      # reading values back from a GPU would stall it
+    if sigma.numel() == 0:
+        return sigma
+    # One reduction and two reads (a NaN makes both NaN, failing the comparisons): several
+    # times cheaper than building the mask, and this check runs at every denoiser call.
+    lo, hi = torch.aminmax(sigma.detach())
+    lo, hi = float(lo), float(hi)
+    if (lo >= 0 if allow_zero else lo > 0) and hi < math.inf:
+        return sigma
     bad = ~torch.isfinite(sigma) | (sigma < 0 if allow_zero else sigma <= 0)
     if bool(bad.any()):
         expected = ">= 0" if allow_zero else "> 0"

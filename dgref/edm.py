@@ -39,7 +39,11 @@ def edm_precond_coeffs(sigma: torch.Tensor, sigma_data: float = 0.5):
     ``c_noise = log(s)/4``.
     """
     check_positive_float("sigma_data", sigma_data)
-    sigma = check_sigma("sigma", sigma)
+    return _precond_coeffs(check_sigma("sigma", sigma), sigma_data)
+
+
+def _precond_coeffs(sigma: torch.Tensor, sigma_data: float):
+    """:func:`edm_precond_coeffs` without re-checking inputs that the caller has checked."""
     denom = sigma ** 2 + sigma_data ** 2
     c_skip = sigma_data ** 2 / denom
     c_out = sigma * sigma_data / denom.sqrt()
@@ -68,7 +72,7 @@ class EDMPrecond(nn.Module):
                              f"{param.dtype} on {param.device}; expected the same dtype and "
                              "device (use .to())")
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-        c_skip, c_out, c_in, c_noise = edm_precond_coeffs(sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = _precond_coeffs(sigma, self.sigma_data)
         f = self.net(_bcast(c_in, x) * x, c_noise, *args)
         if f.shape != x.shape:
             raise ValueError(f"the network returned shape {tuple(f.shape)}, expected x's shape "

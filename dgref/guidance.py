@@ -40,11 +40,10 @@ class ScoreCorrectedDenoiser:
         if self.weight == 0.0:
             return out
         lo, hi = self.window
-        on = (sigma >= lo) & (sigma <= hi)                       # (B,)
         if lo == 0.0 and math.isinf(hi):
-            mask = None
+            mask = None                   # guidance everywhere: no mask to build
         else:
-            mask = on.to(x.dtype)
+            mask = ((sigma >= lo) & (sigma <= hi)).to(x.dtype)  # (B,)
         c = self.correction(x, sigma)
         scale = self.weight * sigma ** 2 if mask is None else self.weight * sigma ** 2 * mask
         return out + scale.reshape(-1, *([1] * (x.ndim - 1))) * c
