@@ -75,6 +75,48 @@ def main():
                 + (" with sigma checks (syncs)" if k.endswith("_sync") else " no syncs"),
                 t[k] / steps * 1e3, "ms")
 
+    # 1b. a guidance window: the correction reads back whether any level is inside -----------
+    lat = torch.randn(big, 2, device=dev)
+    disc = Discriminator(2, data.std(), hidden=256).to(dev).eval()
+    fns = {f"window {w}": (lambda kw=dg_sampler_kwargs(den, disc, 1.0, w): dgref.edm_sampler(
+        latents=lat, num_steps=18, check_finite=False, **kw)) for w in (None, (0.05, 80.0))}
+    t = bench.time_interleaved(fns, device=dev, reps=7, warmup=2)
+    for k in fns:
+        add(f"guided sampler step, batch {big}", k, t[k] / 18 * 1e3, "ms",
+            "window check reads back (sync)" if "0.05" in k else "")
+
+    # 1c. discriminator training loop (reads loss and grad norm back every step) vs bare steps
+    from dgref.discriminator import ce_loss, discriminator_training_loop
+    from dgref.nets import batch_sampler
+    model = data.reweighted(stds=0.22)
+    dsteps = train_steps
+
+    def dloop():
+        d = Discriminator(2, data.std()).to(dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        for _ in discriminator_training_loop(d, objective="ce", x_real=data, x_fake=model,
+                                             steps=dsteps, generator=g,
+                                             batch_size=256 if args.dry else 4096):
+            pass
+
+    def dbare():
+        d = Discriminator(2, data.std()).to(dev)
+        g = torch.Generator(device=dev).manual_seed(0)
+        opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+        bs = 256 if args.dry else 4096
+        dr, df = batch_sampler(data, bs, g, dev), batch_sampler(model, bs, g, dev)
+        for _ in range(dsteps):
+            loss = ce_loss(d, dr(), df(), generator=g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(d.parameters(), float("inf"))
+            opt.step()
+    t = bench.time_interleaved({"loop": dloop, "bare": dbare}, device=dev, reps=3, warmup=1)
+    add("discriminator CE training, batch 4096", "discriminator_training_loop step",
+        t["loop"] / dsteps * 1e3, "ms", "float(loss) + bool(isfinite(gnorm)) each step")
+    add("discriminator CE training, batch 4096", "same step without read-backs",
+        t["bare"] / dsteps * 1e3, "ms")
+
     # 2. training loop read-back -----------------------------------------------------------
     def train(check_every, steps=train_steps):
         def f():
