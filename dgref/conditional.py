@@ -134,9 +134,10 @@ class UniformIntervals:
         return torch.softmax(self.component_terms(x, sigma)[0], dim=1)
 
     def denoise(self, x, sigma):
-        """Exact denoiser ``E[x0 | x; sigma]``, ``(B, 1)``."""
+        """Exact denoiser ``E[x0 | x; sigma]``, ``(B, 1)`` (the identity at sigma = 0)."""
         t, cond = self.component_terms(x, sigma)
-        return (torch.softmax(t, dim=1)[:, :, None] * cond).sum(1)
+        out = (torch.softmax(t, dim=1)[:, :, None] * cond).sum(1)
+        return torch.where(torch.isfinite(out), out, x)
 
     __call__ = denoise
 
@@ -291,7 +292,10 @@ class LabelledWorld:
             member = torch.cat([self._member, torch.ones_like(self._member[:1])]).to(x.device)
             t = torch.where(member[lab], t, torch.full_like(t, -math.inf))
         r = torch.softmax(t, dim=1)
-        return (r[:, :, None] * cond).sum(1)
+        out = (r[:, :, None] * cond).sum(1)
+        # At sigma = 0 outside a compact support every term is -inf: the identity is the limit.
+        return torch.where(torch.isfinite(out), out, x) if isinstance(
+            self.base, UniformIntervals) else out
 
     def __call__(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
         return self.denoise(x, sigma, labels)

@@ -63,6 +63,11 @@ def test_uniform_intervals_closed_form():
     num = torch.trapezoid(wts * t[None], t, dim=1)
     den = torch.trapezoid(wts, t, dim=1)
     torch.testing.assert_close(u.denoise(x, s)[:, 0], num / den, rtol=1e-8, atol=1e-9)
+    # sigma = 0: the identity everywhere (also off the support), density zero off the support
+    xs = torch.tensor([[-1.0], [0.5], [3.0]], dtype=torch.float64)
+    assert torch.equal(u.denoise(xs, 0.0), xs)
+    assert torch.equal(uniform_classes_1d()(xs, 0.0, 1), xs)
+    assert u.log_prob(xs, 0.0)[0] == -math.inf and u.log_prob(xs, 0.0)[1] == 0.0
     # far tails stay finite
     far = torch.tensor([[60.0], [-60.0]], dtype=torch.float64)
     assert torch.isfinite(u.log_prob(far, 0.01)).all()
