@@ -335,7 +335,7 @@ def _toc_chapters(root: Path) -> list:
     return out
 
 
-def bench_chapters(root=None, *, timeout=900, skip=("benchmarks",)) -> list:
+def bench_chapters(root=None, *, timeout=900, skip=()) -> list:
     """Execute each chapter of ``_toc.yml`` at its default parameters, one after the other."""
     import nbformat
     from nbclient import NotebookClient
