@@ -34,6 +34,9 @@ from .metrics import (DigitClassifier, bootstrap_interval, class_histogram, clas
                       precision_recall, total_variation, train_classifier, wilson_interval)
 from .image_experiment import (IMAGES_FULL, IMAGES_QUICK, ImagesExperiment,
                                format_metrics_table, images_config)
+from .overfit import (bernoulli_kl_logits, empirical_mixture, excess_cross_entropy,
+                      ode_log_likelihood_sigmas, oscillation, oscillation_correction,
+                      oscillation_gradient_error, oscillation_score_error, sigma_grid)
 
 __version__ = "0.1.0"
 
@@ -65,4 +68,7 @@ __all__ = [
     "kernel_distance", "kernel_distance_bootstrap", "precision_recall", "total_variation",
     "train_classifier", "wilson_interval",
     "IMAGES_FULL", "IMAGES_QUICK", "ImagesExperiment", "format_metrics_table", "images_config",
+    "bernoulli_kl_logits", "empirical_mixture", "excess_cross_entropy", "ode_log_likelihood_sigmas",
+    "oscillation", "oscillation_correction", "oscillation_gradient_error",
+    "oscillation_score_error", "sigma_grid",
 ]
