@@ -66,7 +66,8 @@ class MLP(nn.Module):
 
 
 def mlp_denoiser(dim: int, sigma_data: float, hidden: int = 256, depth: int = 3) -> EDMPrecond:
-    """An EDM-preconditioned MLP denoiser ``D(x, sigma)`` for ``dim``-dimensional data."""
+    """An MLP inside the EDM preconditioning (book eq. edm-precond): a denoiser ``D(x, sigma)``
+    for ``dim``-dimensional data."""
     return EDMPrecond(MLP(dim, hidden, depth), sigma_data)
 
 
@@ -163,5 +164,6 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
 
 
 def train_denoiser(denoiser: nn.Module, data, *, steps: int, **kwargs) -> list[float]:
-    """Run :func:`edm_training_loop` to the end; return the per-step losses."""
+    """Minimise the EDM loss (book eq. edm-loss) with :func:`edm_training_loop`; return the
+    per-step losses."""
     return [rec["loss"] for rec in edm_training_loop(denoiser, data, steps=steps, **kwargs)]

@@ -190,7 +190,7 @@ def ring(num_modes: int = 8, radius: float = 2.0, std: float = 0.15, weights=Non
 
 def grid(side: int = 3, spacing: float = 2.0, std: float = 0.2, weights=None
          ) -> GaussianMixture:
-    """A centred ``side x side`` square grid of Gaussians with the given spacing."""
+    """A centred ``side x side`` square grid of Gaussians, ``spacing`` apart (book eq. mixture)."""
     check_positive_int("side", side)
     coords = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
     gx, gy = torch.meshgrid(coords, coords, indexing="ij")
@@ -199,6 +199,6 @@ def grid(side: int = 3, spacing: float = 2.0, std: float = 0.2, weights=None
 
 
 def mixture_1d(means=(-2.0, 2.0), stds=(0.5, 0.5), weights=None) -> GaussianMixture:
-    """A 1-D mixture (dim = 1) with the given means, stds and weights."""
+    """A 1-D mixture (dim = 1) with the given means, stds and weights (book eq. mixture)."""
     means = torch.as_tensor(means, dtype=torch.float64)
     return GaussianMixture(means[:, None], weights, torch.as_tensor(stds, dtype=torch.float64))
