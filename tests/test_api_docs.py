@@ -102,3 +102,45 @@ def test_api_page_directive_resolves(target):
         else:
             obj = importlib.import_module(".".join(parts[:i + 1]))
     assert obj is not None
+
+
+def _rst_problems(doc: str) -> str:
+    """Docutils warnings for a docstring as autodoc + napoleon would render it."""
+    import io
+
+    from docutils import nodes
+    from docutils.core import publish_doctree
+    from docutils.parsers.rst import roles
+    from sphinx.ext.napoleon import Config
+    from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+    def literal_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+        return [nodes.literal(rawtext, text)], []
+
+    for role in ("func", "class", "meth", "attr", "mod", "data", "exc", "obj", "eq", "cite",
+                 "ref", "numref", "doc", "py:func", "py:class", "py:meth", "py:mod"):
+        roles.register_local_role(role, literal_role)
+    rst = str(GoogleDocstring(inspect.cleandoc(doc), Config(napoleon_use_param=True)))
+    stream = io.StringIO()
+    publish_doctree(rst, settings_overrides={"report_level": 2, "halt_level": 5,
+                                             "warning_stream": stream})
+    return stream.getvalue()
+
+
+DOCUMENTED_OBJECTS = []
+for _n in NAMES:
+    _o = _obj(_n)
+    if inspect.isfunction(_o) or inspect.isclass(_o):
+        DOCUMENTED_OBJECTS.append((_n, _o))
+        if inspect.isclass(_o):
+            DOCUMENTED_OBJECTS += [(f"{_n}.{m}", v) for m, v in vars(_o).items()
+                                   if not m.startswith("_") and inspect.isfunction(v)]
+
+
+@pytest.mark.parametrize("name,obj", DOCUMENTED_OBJECTS, ids=[n for n, _ in DOCUMENTED_OBJECTS])
+def test_docstring_is_valid_rst(name, obj):
+    """``jupyter-book build -W`` fails on any docutils warning in a docstring shown on book/api.md
+    (e.g. a bare ``|x|`` is read as a substitution: write ````|x|```` instead)."""
+    problems = _rst_problems(obj.__doc__ or "")
+    if problems:
+        pytest.fail(f"dgref.{name}: docstring would break the book build (-W):\n{problems}")

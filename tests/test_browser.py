@@ -5,7 +5,8 @@ typeset by MathJax (every ``.math`` element holds an ``mjx-container``; no raw `
 visible text), that every ``<img>`` loaded, that no request left localhost and no local file
 was missing (HTTP >= 400), that every figure a cell drew is shown with a caption, and that
 the page raised no JavaScript error. A screenshot of the
-first chapter goes to ``_build/screenshots/`` (a CI artefact).
+first chapter goes to ``_build/screenshots/`` (a CI artefact): ``NAME.png`` (the first
+screen) and ``NAME-full.png`` (the whole page).
 
 Skipped, with the reason, when Chromium or the built book is absent, unless the environment
 sets ``DGREF_REQUIRE_BROWSER=1`` (``.ci/run`` does when it installed Chromium): then either is
@@ -139,7 +140,8 @@ def test_page_in_browser(page, server, browser):
         tab.wait_for_load_state("networkidle", timeout=30_000)
         if page == FIRST_CHAPTER:
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            tab.screenshot(path=str(SCREENSHOTS / f"{page.stem}.png"), full_page=True)
+            tab.screenshot(path=str(SCREENSHOTS / f"{page.stem}.png"))          # first screen
+            tab.screenshot(path=str(SCREENSHOTS / f"{page.stem}-full.png"), full_page=True)
     finally:
         ctx.close()
 
