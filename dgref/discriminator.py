@@ -1,6 +1,7 @@
 """Discriminator guidance: the discriminator, its two training objectives, and the guided denoiser.
 
-Book chapters "The KL argument" (kl_argument) and "A KL-minimising objective" (kl_objective).
+Book chapters "The KL argument" (eq. kl_argument-identity, eq. kl_argument-gradient-error) and
+"A KL-minimising objective" (eq. kl_objective-loss).
 
 - A time-dependent discriminator returns a *logit* ``d(x, sigma)`` (real = data = 1); the
   optimal logit is ``d* = log p_sigma - log q_sigma`` (Kim et al. 2023).
@@ -174,7 +175,7 @@ def ce_loss(disc, x_real: torch.Tensor, x_fake: torch.Tensor, *, generator=None,
             P_mean: float = -1.2, P_std: float = 1.2, weighting: str = "uniform",
             sigma_min: float = 0.002, sigma_max: float = 80.0, reduction: str = "mean"
             ) -> torch.Tensor:
-    """Time-weighted binary cross-entropy of a discriminator, in logit form (book: chapter kl_objective).
+    """Time-weighted binary cross-entropy of a discriminator, in logit form (book eq. kl_objective-ce).
 
     ``L_CE = E_sigma [ E_{p_sigma} softplus(-d) + E_{q_sigma} softplus(d) ]`` (Kim et al. 2023):
     ``x_real`` (data, label 1) and ``x_fake`` (model samples, label 0), both ``(B, ...)``, are
@@ -220,9 +221,9 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
             P_mean: float = -1.2, P_std: float = 1.2, sigma_min: float = 0.002,
             sigma_max: float = 80.0, sigma_dist: str | None = None,
             sigma_data: float | None = None, reduction: str = "mean") -> torch.Tensor:
-    """The KL-minimising discriminator loss: reconstruction of the corrected denoiser (book: chapter kl_objective).
+    """The KL-minimising discriminator loss: reconstruction of the corrected denoiser (book eq. kl_objective-loss).
 
-    Per example, with ``x = x0 + sigma n`` and the frozen model ``D`` (no gradient flows into it):
+    Per example, with ``x = x0 + sigma n`` and the frozen model ``D`` (no gradient flows into it)::
 
         l = lambda(sigma) * | D(x; sigma) + sigma^2 grad_x d(x, sigma) - x0 |^2
 
@@ -370,7 +371,7 @@ def dg_sampler_kwargs(denoiser, disc, weight: float = 1.0, window=None, slopes: 
 
 
 def oracle_logit(p, q):
-    """The optimal logit ``d*(x, sigma) = log p_sigma(x) - log q_sigma(x)`` of two mixtures (book: chapter kl_argument).
+    """The optimal logit ``d*(x, sigma) = log p_sigma(x) - log q_sigma(x)`` of two mixtures (book eq. kl_argument-dstar).
 
     Returns a callable ``(x (B, dim), sigma) -> (B,)``, differentiable by autograd, usable
     wherever a discriminator is.
@@ -482,9 +483,9 @@ def train_discriminator(disc: nn.Module, **kwargs) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
                    sigma_max: float = 80.0, num_sigmas: int = 64, num_points: int = 2000,
-                   generator=None, dtype=torch.float64, batch_size: int | None = None
+                   generator=None, dtype=torch.float32, batch_size: int | None = None
                    ) -> tuple[float, float]:
-    """The score-error integral with its standard error (book: chapter kl_argument).
+    """The score-error integral with its standard error (book eq. kl_argument-score-integral).
 
     ``I = 1/2 int g^2 E_{p_t}|grad log p_t - s|^2 dt = int_{sigma_min}^{sigma_max}
     E_{p_sigma} |D_p(x; sigma) - D(x; sigma)|^2 / sigma^3 dsigma``
@@ -496,7 +497,8 @@ def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
     ``num_sigmas`` uniform nodes, rounded up to odd) with Monte Carlo in ``x``: every one of
     ``num_points`` pairs ``(x0 ~ p, n ~ N(0, I))`` is pushed through all levels
     (``x = x0 + sigma n``), so each pair gives an independent estimate of ``I`` and the
-    standard error is theirs. When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
+    standard error is theirs. ``dtype`` is that of the points (match the denoiser's; the
+    squared errors are summed in float64). When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
     ``KL(p_{sigma_min} || q_{sigma_min}) - KL(p_{sigma_max} || q_{sigma_max})``.
     Returns ``(value, standard_error)``.
     """

@@ -78,7 +78,7 @@ def test_score_error_integral_matches_mixture_kl(pair):
     assert abs(val - mc) < 4 * math.hypot(se, mc_se), (val, se, mc, mc_se)
     # The oracle-guided model has no score error at all.
     zero, zero_se = score_error_kl(p, discriminator_guidance(q, oracle_logit(p, q)),
-                                   num_points=200, num_sigmas=9,
+                                   num_points=200, num_sigmas=9, dtype=torch.float64,
                                    generator=torch.Generator().manual_seed(1))
     assert abs(zero) < 1e-12
 
