@@ -43,7 +43,7 @@ def _canonical(config) -> dict:
 
 
 def config_diff(stored: dict, expected: dict) -> list[str]:
-    """Human-readable differences between two configs (empty when they agree)."""
+    """Human-readable differences between two configs, empty when they agree (book: API page, Checkpoints)."""
     stored, expected = _canonical(stored), _canonical(expected)
     out = []
     for key in sorted(set(stored) | set(expected)):
@@ -59,7 +59,11 @@ def config_diff(stored: dict, expected: dict) -> list[str]:
 def save_checkpoint(path, model: nn.Module, config: dict | None = None, *, optimizer=None,
                     step: int | None = None, generator: torch.Generator | None = None,
                     extra: dict | None = None) -> Path:
-    """Write ``model`` (and optionally optimizer, step, generator state) to ``path`` atomically."""
+    """Write ``model`` (and optionally optimizer, step, generator state) to ``path`` atomically.
+
+    The safe-checkpoint contract of the book's API page (section Checkpoints): temporary file,
+    fsync, then ``os.replace``; the training config is stored with the weights.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
@@ -93,7 +97,7 @@ def save_checkpoint(path, model: nn.Module, config: dict | None = None, *, optim
 
 def load_checkpoint(path, model: nn.Module, config: dict | None = None, *, optimizer=None,
                     generator: torch.Generator | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint into ``model`` (and ``optimizer``/``generator``) after checking it.
+    """Load a checkpoint into ``model`` (and ``optimizer``/``generator``) after checking it (book: API page, Checkpoints).
 
     ``config``, when given, must equal the stored config, else :class:`CheckpointError` lists
     the differing keys. Returns ``{"config", "step", "extra"}``.
