@@ -483,8 +483,8 @@ def train_discriminator(disc: nn.Module, **kwargs) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
                    sigma_max: float = 80.0, num_sigmas: int = 64, num_points: int = 2000,
-                   generator=None, dtype=torch.float32, batch_size: int | None = None
-                   ) -> tuple[float, float]:
+                   generator=None, dtype=torch.float32, batch_size: int | None = None,
+                   device=None) -> tuple[float, float]:
     """The score-error integral with its standard error (book eq. kl_argument-score-integral).
 
     ``I = 1/2 int g^2 E_{p_t}|grad log p_t - s|^2 dt = int_{sigma_min}^{sigma_max}
@@ -497,8 +497,8 @@ def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
     ``num_sigmas`` uniform nodes, rounded up to odd) with Monte Carlo in ``x``: every one of
     ``num_points`` pairs ``(x0 ~ p, n ~ N(0, I))`` is pushed through all levels
     (``x = x0 + sigma n``), so each pair gives an independent estimate of ``I`` and the
-    standard error is theirs. ``dtype`` is that of the points (match the denoiser's; the
-    squared errors are summed in float64). When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
+    standard error is theirs. ``dtype`` and ``device`` are those of the points (match the
+    denoiser's; the squared errors are summed in float64 on the CPU). When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
     ``KL(p_{sigma_min} || q_{sigma_min}) - KL(p_{sigma_max} || q_{sigma_max})``.
     Returns ``(value, standard_error)``.
     """
@@ -519,18 +519,18 @@ def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
     simpson = torch.ones(num_sigmas, dtype=torch.float64)
     simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
     quad = (simpson * h / 3).tolist()
-    x0 = p.sample(num_points, generator=generator, dtype=dtype)
-    noise = randn(x0.shape, generator, dtype=dtype)
+    x0 = p.sample(num_points, generator=generator, dtype=dtype, device=device)
+    noise = randn(x0.shape, generator, dtype=dtype, device=x0.device)
     bs = num_points if batch_size is None else check_positive_int("batch_size", batch_size)
     total = torch.zeros(num_points, dtype=torch.float64)
     for i, ui in enumerate(u.tolist()):
         s = math.exp(ui)
         for a in range(0, num_points, bs):
             xb = x0[a:a + bs] + s * noise[a:a + bs]
-            sig = torch.full((xb.shape[0],), s, dtype=dtype)
+            sig = torch.full((xb.shape[0],), s, dtype=dtype, device=xb.device)
             with torch.no_grad():
                 diff = reference(xb, sig) - denoiser(xb, sig)
-            total[a:a + bs] += quad[i] * diff.double().flatten(1).pow(2).sum(1) / s ** 2
+            total[a:a + bs] += quad[i] * diff.double().flatten(1).pow(2).sum(1).cpu() / s ** 2
     return float(total.mean()), float(total.std(unbiased=True) / math.sqrt(num_points))
 
 
