@@ -277,3 +277,38 @@ def test_bad_inputs_raise_named_errors(pair):
         discriminator_guidance(q, disc, 1.0, window=(2.0, 1.0))
     with pytest.raises(ValueError, match="num_sigmas"):
         score_error_kl(p, q, num_sigmas=2)
+
+
+class _ConvDisc(torch.nn.Module):
+    """A tiny image discriminator (B, C, H, W) -> (B,), as the image chapters use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.lin = torch.nn.Linear(4 + 1, 1)
+
+    def forward(self, x, sigma):
+        h = torch.nn.functional.silu(self.conv(x)).mean((2, 3))
+        return self.lin(torch.cat([h, sigma.log()[:, None] / 4], 1))[:, 0]
+
+
+def test_image_shaped_data():
+    torch.manual_seed(0)
+    disc = _ConvDisc()
+    x0 = torch.randn(6, 3, 8, 8)
+    xf = torch.randn(6, 3, 8, 8)
+    D = lambda x, s: 0.5 * x  # noqa: E731
+    for loss in (ce_loss(disc, x0, xf, generator=torch.Generator().manual_seed(0)),
+                 kl_loss(disc, D, x0, gamma=0.5, x_fake=xf,
+                         generator=torch.Generator().manual_seed(0))):
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+    G = discriminator_guidance(D, disc, 2.0)
+    with torch.no_grad():
+        out = G(x0, torch.full((6,), 0.5))
+    _, g = logit_and_grad(disc, x0, torch.full((6,), 0.5))
+    assert out.shape == x0.shape
+    assert torch.allclose(out, 0.5 * x0 + 2.0 * 0.25 * g, atol=1e-6)
+    losses = train_discriminator(disc, objective="kl", x_real=x0, denoiser=D, steps=3,
+                                 batch_size=4, generator=torch.Generator().manual_seed(1))
+    assert len(losses) == 3
