@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None, help="default: $DGREF_CACHE or _build/cache")
     ap.add_argument("--fresh", action="store_true", help="use an empty temporary cache")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--weights", default="0.5,2",
+                    help="extra guidance weights to sample with (comma-separated; '' for none)")
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ex = ImagesExperiment(cfg, device=device, cache_dir=cache_dir,
                           log=lambda s: print(s, flush=True))
-    rows = ex.run()
+    weights = [float(w) for w in args.weights.split(",") if w.strip()]
+    rows = ex.run(weights=weights)
     total = time.perf_counter() - t0
 
     print(f"\nclassifier held-out accuracy: {ex.classifier_accuracy:.4f} "

@@ -44,12 +44,12 @@ IMAGES_QUICK = {
     "data": {"image_size": 8, "heldout_fraction": 0.2, "split_seed": 0},
     "classifier": {"width": 16, "feature_dim": 32, "steps": 300, "batch_size": 128,
                    "lr": 3e-3, "noise_std": 0.1},
-    "denoiser": {"channels": [16, 32], "steps": 1500, "batch_size": 128, "lr": 2e-3},
+    "denoiser": {"channels": [16, 32], "steps": 600, "batch_size": 128, "lr": 2e-3},
     # sigma_max 20: about twice the largest distance between two 8x8 digits (9.6), EDM's rule
     # of thumb for where the prior N(0, sigma_max^2 I) covers the data.
     "sampler": {"num_steps": 18, "sigma_min": 0.002, "sigma_max": 20.0, "rho": 7.0},
     "samples": {"num_fake": 1000, "num_eval": 359, "batch_size": 500},
-    "discriminator": {"channels": [16, 32], "steps": 300, "batch_size": 128, "lr": 1e-3,
+    "discriminator": {"channels": [16, 32], "steps": 800, "batch_size": 128, "lr": 1e-3,
                       "kl_weighting": "kl"},
     "guidance": {"weight": 1.0, "window": [0.05, 20.0], "slopes": "both"},
     "metrics": {"k": 3, "num_boot": 200, "level": 0.95},
@@ -59,11 +59,13 @@ IMAGES_FULL = {
     "data": {"image_size": 16, "heldout_fraction": 0.2, "split_seed": 0},
     "classifier": {"width": 32, "feature_dim": 32, "steps": 2000, "batch_size": 256,
                    "lr": 2e-3, "noise_std": 0.1},
-    "denoiser": {"channels": [64, 128, 128], "steps": 20000, "batch_size": 256, "lr": 1e-3},
+    # Measured on one H100: about 21 ms per denoiser step and 17 ms per CE discriminator step
+    # at these widths, so the whole run takes about 5 minutes there.
+    "denoiser": {"channels": [64, 128, 128], "steps": 8000, "batch_size": 256, "lr": 1e-3},
     # 16x16 images are upsampled 8x8 ones: the largest distance doubles (19), so sigma_max 40.
     "sampler": {"num_steps": 32, "sigma_min": 0.002, "sigma_max": 40.0, "rho": 7.0},
     "samples": {"num_fake": 5000, "num_eval": 2000, "batch_size": 1000},
-    "discriminator": {"channels": [32, 64, 64], "steps": 3000, "batch_size": 256, "lr": 1e-3,
+    "discriminator": {"channels": [32, 64, 64], "steps": 1500, "batch_size": 256, "lr": 1e-3,
                       "kl_weighting": "kl"},
     "guidance": {"weight": 1.0, "window": [0.05, 40.0], "slopes": "both"},
     "metrics": {"k": 3, "num_boot": 200, "level": 0.95},
