@@ -2,11 +2,11 @@
 
 Tools for the chapter's two experiments:
 
-- the oscillation construction ``d = d* + eps * sin(omega . x)`` (book eqs. ce-failure-osc,
-  ce-failure-excess-bound, ce-failure-grad-error): excess cross-entropy as a Bernoulli KL in
+- the oscillation construction ``d = d* + eps * sin(omega . x)`` (book eqs. ce_failure-osc,
+  ce_failure-bound, ce_failure-grad-error): excess cross-entropy as a Bernoulli KL in
   logit space, its ``eps**2 / 8`` bound, the closed-form gradient error on a Gaussian mixture,
   and the guided (refined) denoiser whose exact KL we measure;
-- the finite-data optimum of both objectives (book eq. ce-failure-empirical): the noised
+- the finite-data optimum of both objectives (book eq. ce_failure-empirical): the noised
   empirical distribution of ``N`` training points is a Gaussian mixture with ``N`` components
   of width ``sigma``, so its exact score is closed form;
 - an ODE log-likelihood on an arbitrary (non-uniform) sigma grid, needed where the guided
@@ -30,7 +30,7 @@ __all__ = ["bernoulli_kl_logits", "excess_cross_entropy", "oscillation", "oscill
 
 
 def bernoulli_kl_logits(d_true: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``KL(Bern(sigmoid(d_true)) || Bern(sigmoid(d)))`` elementwise (book eq. ce-failure-bern).
+    """``KL(Bern(sigmoid(d_true)) || Bern(sigmoid(d)))`` elementwise (book eq. ce_failure-bound).
 
     Equals the Bregman divergence of ``softplus`` between the logits,
     ``softplus(d) - softplus(d_true) - sigmoid(d_true) (d - d_true)``, hence lies in
@@ -48,7 +48,7 @@ def excess_cross_entropy(data: GaussianMixture, model: GaussianMixture, logit, s
     """Excess cross-entropy of a logit ``d(x, sigma)`` over the optimum, ``(value, se)``.
 
     Cross-entropy with balanced classes, ``L(d) = 1/2 E_p softplus(-d) + 1/2 E_q softplus(d)``
-    (book eq. ce-failure-excess): ``L(d) - L(d*) = E_{(p+q)/2} KL_Bern(d* || d)``, estimated by
+    (book eq. ce_failure-excess): ``L(d) - L(d*) = E_{(p+q)/2} KL_Bern(d* || d)``, estimated by
     Monte Carlo with ``num_points`` draws of each of ``p_sigma`` and ``q_sigma`` (both densities
     exact, so ``d* = log p_sigma - log q_sigma`` is exact). Bounded by ``E (d - d*)**2 / 8``.
     """
@@ -80,7 +80,7 @@ def _taper(sigma, scale):
 def oscillation(eps: float, omega, scale: float = 1.0):
     """The perturbation ``delta(x, sigma) = eps * sin(omega . x) * exp(-sigma^2 / (2 scale^2))``.
 
-    Returns ``delta(x, sigma) -> (B,)`` (book eq. ce-failure-osc). ``omega`` is a number
+    Returns ``delta(x, sigma) -> (B,)`` (book eq. ce_failure-osc). ``omega`` is a number
     (dim = 1) or a vector of length dim. The Gaussian taper in sigma switches the oscillation
     off smoothly at high noise (a hard window would put a jump into the guided ODE); any
     taper ``<= 1`` keeps ``|delta| <= eps``, hence the cross-entropy bound, at every sigma.
@@ -101,7 +101,7 @@ def oscillation_correction(data: GaussianMixture, model: GaussianMixture, eps: f
     ``grad d* = score_p - score_q`` (the oracle) plus
     ``eps * omega * cos(omega . x) * exp(-sigma^2 / (2 scale^2))``. With
     :class:`~dgref.ScoreCorrectedDenoiser` around ``model`` and ``w = 1`` the guided denoiser
-    is ``D_p + sigma^2 grad delta`` (book eq. ce-failure-guided).
+    is ``D_p + sigma^2 grad delta`` (book eq. ce_failure-guided).
     """
     eps = check_finite_float("eps", eps)
     scale = check_positive_float("scale", scale)
@@ -120,7 +120,7 @@ def oscillation_gradient_error(data: GaussianMixture, eps: float, omega, sigma=0
     For a mixture ``sum_k pi_k N(mu_k, diag(v_k + sigma^2))``,
     ``E cos^2(omega . x) = (1 + sum_k pi_k exp(-2 omega^T V_k omega) cos(2 omega . mu_k)) / 2``,
     which tends to ``1/2``: at sigma = 0 the gradient error tends to ``eps^2 |omega|^2 / 2``
-    (book eq. ce-failure-grad-error). ``a(sigma)`` is the taper of :func:`oscillation`
+    (book eq. ce_failure-grad-error). ``a(sigma)`` is the taper of :func:`oscillation`
     (``scale=None``: no taper).
     """
     eps = check_finite_float("eps", eps)
@@ -139,7 +139,7 @@ def oscillation_score_error(data: GaussianMixture, eps: float, omega, scale: flo
     """The score-error integral of the oscillation, ``int sigma E_{p_sigma}|grad delta|^2 dsigma``.
 
     With the guided denoiser ``D_p + sigma^2 grad delta`` the integrand of the KL identity
-    (book eq. kl-identity in EDM form, ``E|D_p - D_tilde|^2 / sigma^3``) is
+    (book eq. ce_failure-kl-grad, the KL identity in EDM form: ``E|D_p - D_tilde|^2 / sigma^3``) is
     ``sigma E|grad delta|^2``; trapezoid rule on ``num_sigmas`` uniform nodes in sigma over
     ``[sigma_min, min(sigma_max, 10 scale)]`` (the taper is below ``e^-50`` beyond). For
     large ``|omega|`` it tends to ``eps^2 |omega|^2 scale^2 / 4``. This is what the KL would be
@@ -158,7 +158,7 @@ def empirical_mixture(x: torch.Tensor, width: float = 1e-6) -> GaussianMixture:
     """The empirical distribution of ``x`` ``(N, dim)`` as an ``N``-component mixture.
 
     Noised at level sigma it is ``1/N sum_i N(x_i, (width^2 + sigma^2) I)`` (book eq.
-    ce-failure-empirical), so its exact score and denoiser are those of
+    ce_failure-empirical), so its exact score and denoiser are those of
     :class:`~dgref.GaussianMixture`; ``width`` only keeps the sigma = 0 case defined.
     """
     check_tensor("x", x, ndim=2, finite=True)
@@ -170,7 +170,9 @@ def empirical_mixture(x: torch.Tensor, width: float = 1e-6) -> GaussianMixture:
 
 def sigma_grid(sigma_min: float = 0.002, sigma_max: float = 80.0, num_steps: int = 64, *,
                dense=None) -> torch.Tensor:
-    """An increasing sigma grid: ``num_steps`` log-uniform steps, merged with extra points.
+    """An increasing sigma grid for the ODE likelihood (book chapter ce_failure, eq. ce_failure-osc).
+
+    ``num_steps`` log-uniform steps, merged with extra points.
 
     ``dense = (lo, hi, n)`` adds ``n`` uniform steps in sigma on ``[lo, hi]`` (for a stiff
     stretch such as an oscillating guidance window); the window ends are always grid points.
