@@ -35,7 +35,8 @@ def test_public_name_on_api_page(name):
     hits = [d for d in DOCUMENTED if d == f"dgref.{name}" or d.endswith(f".{name}")]
     if not hits:
         pytest.fail(f"dgref.{name} is exported but not documented on book/api.md: add "
-                    f"'.. autofunction:: dgref.{name}' (or autoclass) under your module's heading")
+                    f"'.. autofunction:: dgref.{name}' (autoclass, autodata) under your "
+                    "module's heading")
 
 
 @pytest.mark.parametrize("name", NAMES)
