@@ -41,7 +41,7 @@ __all__ = ["machine_info", "time_interleaved", "bench_guidance", "bench_training
 # "cpu" the default on a CPU; "cuda" the default on a GPU (large batches, where a GPU pays off).
 SIZES = {
     "small": dict(sample_batch=1000, sample_steps=6, train_batch=256, kl_points=2000,
-                  kl_steps=8, reps=9, train_inner=5),
+                  kl_steps=8, reps=13, train_inner=5),
     "cpu": dict(sample_batch=2000, sample_steps=6, train_batch=256, kl_points=2000,
                 kl_steps=None, reps=21, train_inner=10),
     "cuda": dict(sample_batch=65536, sample_steps=18, train_batch=4096, kl_points=2000,
