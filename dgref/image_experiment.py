@@ -38,7 +38,7 @@ __all__ = ["IMAGES_QUICK", "IMAGES_FULL", "images_config", "ImagesExperiment",
            "format_metrics_table"]
 
 # Bump when a change of the code changes what a cached phase would contain.
-_CODE_VERSION = 1
+_CODE_VERSION = 2
 
 IMAGES_QUICK = {
     "data": {"image_size": 8, "heldout_fraction": 0.2, "split_seed": 0},
@@ -100,7 +100,9 @@ class ImagesExperiment:
     ``ImagesExperiment(config, device=, cache_dir=, log=)``; call the phases in order or
     :meth:`run` for all. ``timings`` maps each phase to its wall time in seconds and
     ``cache_hits`` to whether it was loaded rather than built. Randomness: each phase draws
-    from its own generator seeded from ``config["seed"]`` and a phase index, on the device.
+    from its own generator seeded from ``config["seed"]`` and a phase index, on the device;
+    initial weights too (the global generator is left untouched), so a phase rebuilt alone
+    gives what a full run gives.
     """
 
     def __init__(self, config: dict, *, device=None, cache_dir=None,
@@ -117,6 +119,14 @@ class ImagesExperiment:
     # ---------------------------------------------------------------- helpers
     def _gen(self, phase: int) -> torch.Generator:
         return make_generator(1000 * self.config["seed"] + phase, self.device)
+
+    def _build(self, phase: int, factory):
+        """Build a network with its initial weights drawn from a seed of its own (``phase``),
+        leaving torch's global generator as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 * self.config["seed"] + phase)
+            net = factory()
+        return net.to(self.device)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -152,7 +162,8 @@ class ImagesExperiment:
     def train_classifier(self):
         """Phase 2: the digit classifier (the feature network); its held-out accuracy."""
         c = self.config["classifier"]
-        clf = DigitClassifier(width=c["width"], feature_dim=c["feature_dim"]).to(self.device)
+        clf = self._build(102, lambda: DigitClassifier(width=c["width"],
+                                                       feature_dim=c["feature_dim"]))
 
         def build():
             train_classifier(clf, self.data.x_train, self.data.y_train, steps=c["steps"],
@@ -180,7 +191,8 @@ class ImagesExperiment:
     def train_denoiser(self):
         """Phase 3: the base EDM denoiser."""
         c = self.config["denoiser"]
-        den = unet_denoiser(self.image_shape[-1], channels=tuple(c["channels"])).to(self.device)
+        den = self._build(103, lambda: unet_denoiser(self.image_shape[-1],
+                                                     channels=tuple(c["channels"])))
 
         def build():
             losses = train_denoiser(den, self.data.x_train, steps=c["steps"],
@@ -222,8 +234,8 @@ class ImagesExperiment:
         if objective not in ("ce", "kl"):
             raise ValueError(f"objective must be 'ce' or 'kl', got {objective!r}")
         c = self.config["discriminator"]
-        disc = ImageDiscriminator(self.image_shape[-1], channels=tuple(c["channels"])
-                                  ).to(self.device)
+        disc = self._build(150 if objective == "ce" else 151, lambda: ImageDiscriminator(
+            self.image_shape[-1], channels=tuple(c["channels"])))
         s = self.config["sampler"]
 
         def build():

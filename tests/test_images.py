@@ -366,3 +366,16 @@ def test_digits_fallback_without_sklearn(tmp_path, monkeypatch):
     monkeypatch.undo()
     b = load_digit_images(8, seed=2)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_heldout, b.y_heldout)
+
+
+def test_experiment_does_not_depend_on_global_seed(tmp_path):
+    from dgref.image_experiment import ImagesExperiment, images_config
+    cfg = images_config(True, seed=3, overrides=_TINY)
+    states = []
+    for global_seed, sub in ((0, "a"), (99, "b")):
+        torch.manual_seed(global_seed)
+        ex = ImagesExperiment(cfg, device="cpu", cache_dir=tmp_path / sub, log=None)
+        ex.load_data()
+        ex.train_denoiser()
+        states.append(ex.denoiser.net.out.weight.clone())
+    assert torch.equal(states[0], states[1])
