@@ -397,7 +397,8 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
                                 lr: float = 1e-3, generator=None, weighting: str | None = None,
                                 gamma: float = 0.0, progress: bool | None = None,
                                 weight_decay: float = 0.0, lr_schedule: str = "constant",
-                                optimizer=None, **loss_kwargs) -> Iterator[dict]:
+                                optimizer=None, check_every: int | None = None,
+                                **loss_kwargs) -> Iterator[dict]:
     """Train a discriminator with :func:`ce_loss` or :func:`kl_loss` (book: chapter kl_objective); yields ``{"step", "loss"}``.
 
     ``x_real`` / ``x_fake`` are tensors ``(N, ...)`` (batches drawn with replacement, so a small
@@ -407,6 +408,10 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     ``"uniform"`` for CE and ``"kl"`` for KL. Adam (AdamW when ``weight_decay > 0``) at ``lr``,
     constant or with ``lr_schedule="cosine"`` decay. Stops with :class:`dgref.NonFiniteError` at
     the first non-finite loss or gradient, naming the step and the last finite loss.
+    ``check_every`` (default 1 on the CPU, 32 on a GPU) is how many steps run between two
+    read-backs of the losses, as in :func:`dgref.edm_training_loop`: on a GPU each read-back
+    is a synchronisation, so records then come in blocks (every step still gets one, in order)
+    and the steps after a non-finite one in the same block have already run.
     """
     if objective not in ("ce", "kl"):
         raise ValueError(f"objective must be 'ce' or 'kl', got {objective!r}")
@@ -441,7 +446,11 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     if optimizer is None:
         optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
                      if weight_decay > 0 else torch.optim.Adam(params, lr=lr))
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 32
+    check_every = check_positive_int("check_every", check_every)
     last = float("nan")
+    pending = []                          # (step, [loss, grad norm]) not yet read back
     disc.train()
     for step in progress_bar(range(steps), desc="discriminator", progress=progress):
         if lr_schedule == "cosine":
@@ -457,19 +466,32 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
         else:
             loss = kl_loss(disc, denoiser, xr, generator=generator, weighting=weighting,
                            gamma=gamma, x_fake=xf, **loss_kwargs)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError(f"non-finite discriminator loss {value} at step {step}; last "
-                                 f"finite loss {last:.6g}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        if not bool(torch.isfinite(gnorm)):
-            raise NonFiniteError(f"non-finite discriminator gradient at step {step}; last "
-                                 f"finite loss {last:.6g}")
-        optimizer.step()
-        last = value
-        yield {"step": step, "loss": value}
+        pending.append((step, torch.stack([loss.detach().float(), gnorm.detach().float()])))
+        if len(pending) < check_every and step < steps - 1:
+            optimizer.step()              # no read-back: a GPU keeps its queue full
+            continue
+        values = torch.stack([v for _, v in pending]).tolist()     # one synchronisation
+        records, error = [], None
+        for (st, _), (value, gn) in zip(pending, values):
+            if not math.isfinite(value):
+                error = NonFiniteError(f"non-finite discriminator loss {value} at step {st}; "
+                                       f"last finite loss {last:.6g}")
+            elif not math.isfinite(gn):
+                error = NonFiniteError(f"non-finite discriminator gradient at step {st}; last "
+                                       f"finite loss {last:.6g}")
+            if error is not None:
+                break
+            last = value
+            records.append({"step": st, "loss": value})
+        pending.clear()
+        if error is None:
+            optimizer.step()
+        yield from records
+        if error is not None:
+            raise error
     disc.eval()
 
 

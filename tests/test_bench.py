@@ -101,3 +101,48 @@ def test_small_training_benchmark_runs():
     rows = bench.bench_training("cpu", train_batch=32, reps=2, train_inner=1, hidden=16)
     ratio = [r for r in rows if r["name"] == "KL step / CE step"][0]
     assert math.isfinite(ratio["value"]) and ratio["value"] > 0 and ratio["budget"] == 2.0
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_discriminator_loop_deferred_readback_identical(objective):
+    from dgref.discriminator import Discriminator, discriminator_training_loop
+    data = dgref.ring()
+    x_real = data.sample(128, generator=torch.Generator().manual_seed(0))
+    x_fake = data.reweighted(stds=0.3).sample(128, generator=torch.Generator().manual_seed(1))
+    den = dgref.mlp_denoiser(2, data.std(), hidden=16, depth=1)
+    out = []
+    for check_every in (1, 4):
+        torch.manual_seed(0)
+        disc = Discriminator(2, data.std(), hidden=16, depth=2)
+        recs = list(discriminator_training_loop(
+            disc, objective=objective, x_real=x_real, x_fake=x_fake, denoiser=den, steps=10,
+            batch_size=32, generator=torch.Generator().manual_seed(2), check_every=check_every))
+        out.append(([r["step"] for r in recs], [r["loss"] for r in recs],
+                    [p.detach().clone() for p in disc.parameters()]))
+    assert out[0][0] == out[1][0] == list(range(10)) and out[0][1] == out[1][1]
+    assert all(torch.equal(p, q) for p, q in zip(out[0][2], out[1][2]))
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_discriminator_loop_names_first_nonfinite_step(check_every):
+    from dgref.discriminator import Discriminator, discriminator_training_loop
+    class Broken:                         # real data that turns NaN at its 6th batch
+        calls = 0
+
+        def sample(self, n, generator=None):
+            Broken.calls += 1
+            x = torch.randn(n, 2, generator=generator)
+            return x * float("nan") if Broken.calls == 6 else x
+    x_real = Broken()
+    seen = []
+    with pytest.raises(dgref.NonFiniteError,
+                       match=r"non-finite discriminator loss nan at step \d+; last finite"
+                       ) as info:
+        for rec in discriminator_training_loop(
+                Discriminator(2, 1.0, hidden=8, depth=1), objective="ce", x_real=x_real,
+                x_fake=torch.randn(64, 2), steps=100, batch_size=16, check_every=check_every,
+                generator=torch.Generator().manual_seed(0)):
+            seen.append(rec)
+    bad = int(str(info.value).split("at step ")[1].split(";")[0])
+    assert bad == 5 and [r["step"] for r in seen] == list(range(bad))
+    assert f"last finite loss {seen[-1]['loss']:.6g}" in str(info.value)
