@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     all_results = []
     for dev in devices:
         res = bench.run_benchmarks(device=dev, small=args.small,
-                                   chapters=args.chapters and not args.small,
+                                   chapters=(args.chapters or "chapters" in (args.only or ()))
+                                   and not args.small,
                                    ode_accuracy=args.ode_accuracy, threads=args.threads,
                                    only=args.only,
                                    log=lambda m: print(m, file=sys.stderr, flush=True))
