@@ -213,7 +213,9 @@ def test_intervals(gen):
     assert math.isclose((lo + hi) / 2, float(x.mean()), abs_tol=1e-12)
     lo, hi = wilson_interval(50, 100)
     assert lo < 0.5 < hi and math.isclose(0.5 - lo, hi - 0.5, rel_tol=1e-9)
-    assert wilson_interval(0, 10)[0] == 0.0
+    for k, n in ((0, 10), (10, 10), (0, 359), (359, 359), (1, 3)):
+        lo, hi = wilson_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0 and lo < hi
 
 
 def test_classifier_trains_and_evaluate_samples(gen):
