@@ -413,7 +413,8 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     ``check_every`` (default 1 on the CPU, 32 on a GPU) is how many steps run between two
     read-backs of the losses, as in :func:`dgref.edm_training_loop`: on a GPU each read-back
     is a synchronisation, so records then come in blocks (every step still gets one, in order)
-    and the steps after a non-finite one in the same block have already run.
+    and the steps after a non-finite one in the same block have already run (likewise after
+    the record at which a consumer stops: use ``check_every=1`` to stop at an exact step).
     """
     if objective not in ("ce", "kl"):
         raise ValueError(f"objective must be 'ce' or 'kl', got {objective!r}")

@@ -110,6 +110,8 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
     together (every step still gets its record, in order). With ``check_every = 1`` a
     non-finite step raises before its optimiser step; with more, the steps after it in the same
     block have already run (the error still names the first bad step and the last finite loss).
+    Likewise a consumer that stops after the record of step ``s`` gets a model trained to the
+    end of that block: pass ``check_every=1`` to stop (and checkpoint) at an exact step.
     """
     steps = check_positive_int("steps", steps)
     check_positive_float("lr", lr)
