@@ -13,14 +13,14 @@ variable ``DGREF_CACHE``, or ``_build/cache/`` at the repository root (ignored b
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .checkpoint import atomic_torch_save, canonical_config, config_diff
 
 __all__ = ["CacheError", "CacheConfigError", "default_cache_dir", "cache_path", "save_cached", "load_cached",
            "cached"]
@@ -38,7 +38,8 @@ class CacheConfigError(CacheError):
 
 
 def default_cache_dir(cache_dir=None) -> Path:
-    """The cache directory: ``cache_dir`` if given, else ``$DGREF_CACHE``, else ``<repo>/_build/cache``."""
+    """The cache directory: ``cache_dir`` if given, else ``$DGREF_CACHE``, else ``<repo>/_build/cache``.
+    (book chapter images)"""
     if cache_dir is None:
         cache_dir = os.environ.get("DGREF_CACHE") or None
     if cache_dir is None:
@@ -49,7 +50,8 @@ def default_cache_dir(cache_dir=None) -> Path:
 
 
 def cache_path(name: str, cache_dir=None) -> Path:
-    """The file holding entry ``name`` (letters, digits, ``_ . -``; no separators)."""
+    """The file holding entry ``name`` (letters, digits, ``_ . -``; no separators).
+    (book chapter images)"""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError("name must be a non-empty string of letters, digits, '_', '.' or '-' "
                          f"(no path separators), got {name!r}")
@@ -57,58 +59,30 @@ def cache_path(name: str, cache_dir=None) -> Path:
 
 
 def _normalise(config) -> dict:
-    """JSON round trip: tuples become lists, keys strings; rejects non-JSON values."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    try:
-        return json.loads(json.dumps(config, sort_keys=True))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"config must hold only JSON values (str, int, float, bool, None, "
-                        f"lists, dicts): {exc}") from None
+    return canonical_config(config)
 
 
-def _diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(stored) | set(wanted))
-    out = []
-    for k in keys:
-        path = f"{prefix}{k}"
-        if k not in stored:
-            out.append(f"{path} (missing in the cached file; requested {wanted[k]!r})")
-        elif k not in wanted:
-            out.append(f"{path} (cached {stored[k]!r}; not in the requested config)")
-        elif isinstance(stored[k], dict) and isinstance(wanted[k], dict):
-            out += _diff(stored[k], wanted[k], prefix=path + ".")
-        elif stored[k] != wanted[k]:
-            out.append(f"{path} (cached {stored[k]!r}, requested {wanted[k]!r})")
-    return out
+def _diff(stored: dict, wanted: dict) -> list[str]:
+    return config_diff(stored, wanted, stored_name="cached", expected_name="requested")
 
 
 def save_cached(name: str, config: dict, payload: dict, cache_dir=None) -> Path:
-    """Write ``payload`` with its ``config`` to ``<cache_dir>/<name>.pt`` atomically; return the path."""
+    """Write ``payload`` with its ``config`` to ``<cache_dir>/<name>.pt`` atomically; return the path.
+    (book chapter images)"""
     path = cache_path(name, cache_dir)
     config = _normalise(config)
     if not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
     payload = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                for k, v in payload.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": _FORMAT, "config": config, "payload": payload}, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_torch_save({"format": _FORMAT, "config": config, "payload": payload}, path)
 
 
 def load_cached(name: str, config: dict | None = None, cache_dir=None, *, map_location="cpu"
                 ) -> dict:
-    """Load entry ``name``; with ``config``, check it equals the stored one.
+    """Load entry ``name``; with ``config``, check it equals the stored one (book chapter images).
 
     Raises ``FileNotFoundError`` when the entry is absent and :class:`CacheConfigError` (a
     ``ValueError``) naming every differing key when the stored config differs.
@@ -135,6 +109,7 @@ def load_cached(name: str, config: dict | None = None, cache_dir=None, *, map_lo
 def cached(name: str, config: dict, build: Callable[[], dict], cache_dir=None, *,
            map_location="cpu", log: Callable[[str], None] | None = None) -> tuple[dict, bool]:
     """Return ``(payload, hit)``: the cached payload if its config matches, else ``build()``'s, saved.
+    (book chapter images)
 
     ``build()`` returns the payload dict. A stored entry with another config is rebuilt and
     overwritten (``log`` is told which keys differ); an unreadable one too.

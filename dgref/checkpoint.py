@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "config_diff"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "config_diff",
+           "canonical_config", "atomic_torch_save"]
 
 _FORMAT = "dgref-checkpoint-v1"
 
@@ -30,30 +31,66 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read, or does not match the model or config asked for."""
 
 
-def _canonical(config) -> dict:
+def canonical_config(config) -> dict:
+    """A config as stored: a JSON round trip (tuples become lists, keys strings) (book: API page, Checkpoints).
+
+    Rejects anything JSON cannot hold with a ``TypeError`` naming the problem.
+    """
     if config is None:
         return {}
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     try:
         return json.loads(json.dumps(config, sort_keys=True))
-    except TypeError as exc:
-        raise TypeError(f"config must be JSON-serialisable (numbers, strings, lists, dicts): "
-                        f"{exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise TypeError("config must hold only JSON values (str, int, float, bool, None, lists, "
+                        f"dicts): {exc}") from None
 
 
-def config_diff(stored: dict, expected: dict) -> list[str]:
-    """Human-readable differences between two configs, empty when they agree (book: API page, Checkpoints)."""
-    stored, expected = _canonical(stored), _canonical(expected)
+def config_diff(stored: dict, expected: dict, *, stored_name: str = "checkpoint",
+                expected_name: str = "expected", _prefix: str = "") -> list[str]:
+    """Human-readable differences between two configs, nested keys as ``a.b``; empty when they
+    agree (book: API page, Checkpoints)."""
+    if not _prefix:
+        stored, expected = canonical_config(stored), canonical_config(expected)
     out = []
     for key in sorted(set(stored) | set(expected)):
+        path = f"{_prefix}{key}"
         if key not in stored:
-            out.append(f"{key}: missing in checkpoint, expected {expected[key]!r}")
+            out.append(f"{path} (missing in the {stored_name}; {expected_name} "
+                       f"{expected[key]!r})")
         elif key not in expected:
-            out.append(f"{key}: checkpoint has {stored[key]!r}, not in the expected config")
+            out.append(f"{path} ({stored_name} {stored[key]!r}; not in the {expected_name} "
+                       "config)")
+        elif isinstance(stored[key], dict) and isinstance(expected[key], dict):
+            out += config_diff(stored[key], expected[key], stored_name=stored_name,
+                               expected_name=expected_name, _prefix=path + ".")
         elif stored[key] != expected[key]:
-            out.append(f"{key}: checkpoint has {stored[key]!r}, expected {expected[key]!r}")
+            out.append(f"{path} ({stored_name} {stored[key]!r}, {expected_name} "
+                       f"{expected[key]!r})")
     return out
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` to a temporary file in the target's folder, fsync, then ``os.replace``.
+
+    A crash mid-write leaves the old file (or none), never a truncated one (book: API page,
+    Checkpoints).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def save_checkpoint(path, model: nn.Module, config: dict | None = None, *, optimizer=None,
@@ -66,10 +103,9 @@ def save_checkpoint(path, model: nn.Module, config: dict | None = None, *, optim
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    path = Path(path)
     payload = {
         "format": _FORMAT,
-        "config_json": json.dumps(_canonical(config), sort_keys=True),
+        "config_json": json.dumps(canonical_config(config), sort_keys=True),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if optimizer is not None:
@@ -80,19 +116,7 @@ def save_checkpoint(path, model: nn.Module, config: dict | None = None, *, optim
         payload["generator"] = generator.get_state()
     if extra is not None:
         payload["extra"] = extra
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_checkpoint(path, model: nn.Module, config: dict | None = None, *, optimizer=None,

@@ -74,7 +74,7 @@ IMAGES_FULL = {
 
 def images_config(quick: bool = True, seed: int = 0, overrides: dict | None = None) -> dict:
     """The experiment's config: :data:`IMAGES_QUICK` or :data:`IMAGES_FULL`, ``seed``, and
-    ``overrides`` ``{"section": {"key": value}}`` (each key must exist)."""
+    ``overrides`` ``{"section": {"key": value}}`` (each key must exist); book chapter images."""
     if not isinstance(quick, bool):
         raise TypeError(f"quick must be True or False, got {quick!r}")
     check_nonneg_int("seed", seed)
@@ -361,7 +361,7 @@ def _label(name: str) -> str:
 
 
 def format_metrics_table(rows: dict, *, markdown: bool = False) -> str:
-    """The metrics as a text (or markdown) table, intervals in brackets."""
+    """The metrics as a text (or markdown) table, intervals in brackets (book chapter images)."""
     def ci(v, lo_hi, fmt="{:.2f}", scale=1.0):
         lo, hi = lo_hi
         return f"{fmt.format(v * scale)} [{fmt.format(lo * scale)}, {fmt.format(hi * scale)}]"

@@ -62,6 +62,7 @@ def _digits_arrays():
 def load_digit_images(image_size: int = 8, *, heldout_fraction: float = 0.2, seed: int = 0,
                       device=None, dtype=torch.float32) -> DigitImages:
     """scikit-learn's 8x8 digits as images in ``[-1, 1]``, split by a seeded permutation.
+    (book chapter images)
 
     Pixel values ``0..16`` map to ``v / 8 - 1``. ``image_size`` 8 keeps them, any larger size
     upsamples bilinearly (``align_corners=False``: each output pixel is a convex combination
@@ -205,7 +206,8 @@ class UNet(nn.Module):
 
 def unet_denoiser(image_size: int = 8, *, channels=None, sigma_data: float = 0.5,
                   in_channels: int = 1) -> EDMPrecond:
-    """An EDM-preconditioned U-Net denoiser ``D(x, sigma)`` for ``(B, C, H, W)`` images."""
+    """An EDM-preconditioned U-Net denoiser ``D(x, sigma)`` for ``(B, C, H, W)`` images.
+    (book chapter images)"""
     return EDMPrecond(UNet(image_size, in_channels, channels), sigma_data)
 
 
@@ -287,7 +289,8 @@ def generate_images(denoiser, num_images: int, *, image_shape=(1, 8, 8), generat
 
 def image_grid(x: torch.Tensor, nrow: int = 10, pad: int = 1, pad_value: float = 1.0
                ) -> torch.Tensor:
-    """Tile images ``(B, 1, H, W)`` into one ``(rows*(H+pad)+pad, nrow*(W+pad)+pad)`` array in ``[0, 1]``."""
+    """Tile images ``(B, 1, H, W)`` into one ``(rows*(H+pad)+pad, nrow*(W+pad)+pad)`` array in ``[0, 1]``.
+    (book chapter images)"""
     check_tensor("x", x, ndim=4)
     if x.shape[1] != 1:
         raise ValueError(f"x must have one channel, got shape {tuple(x.shape)}")

@@ -76,6 +76,7 @@ def train_classifier(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                      noise_std: float = 0.1, generator=None, progress: bool | None = None
                      ) -> list[float]:
     """Train a classifier with cross-entropy (AdamW, cosine decay); return the per-step losses.
+    (book chapter images)
 
     Each batch gets Gaussian pixel noise of std ``noise_std`` (a mild augmentation that keeps
     the features meaningful on slightly imperfect generated images). Losses are collected on
@@ -120,7 +121,7 @@ def train_classifier(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 @torch.no_grad()
 def classifier_accuracy(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         batch_size: int = 1000) -> float:
-    """Fraction of ``x`` whose arg-max class equals ``y``."""
+    """Fraction of ``x`` whose arg-max class equals ``y`` (book chapter images)."""
     check_tensor("x", x, ndim=4)
     device = next(classifier.parameters()).device
     was = classifier.training
@@ -134,7 +135,8 @@ def classifier_accuracy(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
 @torch.no_grad()
 def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                      batch_size: int = 1000, device=None) -> torch.Tensor:
-    """Apply ``feature_fn`` to ``x`` in batches; returns ``(N, d)`` float64 features on the CPU."""
+    """Apply ``feature_fn`` to ``x`` in batches; returns ``(N, d)`` float64 features on the CPU.
+    (book chapter images)"""
     check_tensor("x", x, min_ndim=2)
     bs = check_positive_int("batch_size", batch_size)
     out = [feature_fn(x[i:i + bs] if device is None else x[i:i + bs].to(device))
@@ -181,6 +183,7 @@ def gaussian_frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ``(N_a, d)``, ``(N_b, d)``.
+    (book chapter images)
 
     Means and unbiased covariances, then :func:`gaussian_frechet_distance`. The estimate is
     biased upwards at finite N (by about ``tr(C)/N`` per set): compare sets of equal size.
@@ -217,6 +220,7 @@ def kernel_distance_bootstrap(feats_a: torch.Tensor, feats_b: torch.Tensor, *,
                               num_boot: int = 200, level: float = 0.95, generator=None
                               ) -> tuple[float, float]:
     """:func:`bootstrap_interval` of :func:`kernel_distance`, computed from the kernel matrices once.
+    (book chapter images)
 
     A replicate that resamples rows with counts ``c`` has the same-set term
     ``(c^T K c - sum_i c_i K_ii) / (m (m - 1))`` (pairs of distinct *positions*, as the
@@ -272,7 +276,8 @@ def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, *, k: i
 
 
 def class_histogram(logits_or_labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
-    """Fraction of samples per predicted class, ``(num_classes,)``, from logits or labels."""
+    """Fraction of samples per predicted class, ``(num_classes,)``, from logits or labels.
+    (book chapter images)"""
     check_positive_int("num_classes", num_classes)
     t = logits_or_labels
     if not isinstance(t, torch.Tensor):
@@ -284,7 +289,7 @@ def class_histogram(logits_or_labels: torch.Tensor, num_classes: int = 10) -> to
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
-    """``1/2 sum |p - q|`` between two histograms."""
+    """``1/2 sum |p - q|`` between two histograms (book chapter images)."""
     if p.shape != q.shape:
         raise ValueError(f"p and q must have one shape, got {tuple(p.shape)} and {tuple(q.shape)}")
     return float(0.5 * (p.double() - q.double()).abs().sum())
@@ -305,6 +310,7 @@ def bootstrap_interval(statistic: Callable[..., float], *samples: torch.Tensor,
                        num_boot: int = 200, level: float = 0.95, generator=None,
                        method: str = "normal") -> tuple[float, float]:
     """Bootstrap interval of ``statistic(*samples)``, resampling the rows of every set.
+    (book chapter images)
 
     Each replicate draws every sample set's rows with replacement (independently; put paired
     sets side by side in one tensor ``(N, 2, ...)`` to resample them jointly) and re-evaluates
@@ -335,7 +341,7 @@ def bootstrap_interval(statistic: Callable[..., float], *samples: torch.Tensor,
 
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``successes / n``."""
+    """Wilson score interval for a binomial proportion ``successes / n`` (book chapter images)."""
     n = check_positive_int("n", n)
     if not 0 <= successes <= n:
         raise ValueError(f"successes must be in [0, n={n}], got {successes}")
@@ -354,6 +360,7 @@ def evaluate_samples(real_feats: torch.Tensor, fake_feats: torch.Tensor,
                      num_boot: int = 200, level: float = 0.95,
                      generator=None) -> dict:
     """Every metric of one sample set against the reference features, with intervals.
+    (book chapter images)
 
     Returns ``{"n", "frechet", "frechet_ci", "kernel", "kernel_ci", "precision",
     "precision_ci", "recall", "recall_ci"}`` and, with ``fake_logits`` and ``class_freqs``,

@@ -221,7 +221,7 @@ def test_checkpoint_rejects_corruption_and_mismatch(tmp_path):
     other = mlp_denoiser(2, 1.0, hidden=8, depth=1)
     before = {k: v.clone() for k, v in other.state_dict().items()}
 
-    with pytest.raises(CheckpointError, match="hidden: checkpoint has 8, expected 16"):
+    with pytest.raises(CheckpointError, match=r"hidden \(checkpoint 8, expected 16\)"):
         load_checkpoint(path, other, {"hidden": 16})
     truncated = tmp_path / "t.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
