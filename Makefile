@@ -24,7 +24,7 @@ book: setup
 	$(BIN)/jupyter-book build . -W --keep-going
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
