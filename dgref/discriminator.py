@@ -21,13 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._checks import (NonFiniteError, check_finite_float, check_positive_float,
+from ._checks import (check_positive_float,
                       check_positive_int, check_sigma, check_tensor, check_window)
-from ._progress import progress_bar
 from .edm import edm_precond_coeffs, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
 from .likelihood import kl_divergence
-from .nets import MLP, batch_sampler
+from .nets import MLP, batch_sampler, optimisation_loop
 from .utils import randn
 
 __all__ = ["Discriminator", "logit_and_grad", "sample_training_sigmas", "ce_loss", "kl_loss",
@@ -449,52 +448,21 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     if optimizer is None:
         optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
                      if weight_decay > 0 else torch.optim.Adam(params, lr=lr))
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 32
-    check_every = check_positive_int("check_every", check_every)
-    last = float("nan")
-    pending = []                          # (step, [loss, grad norm]) not yet read back
-    disc.train()
-    for step in progress_bar(range(steps), desc="discriminator", progress=progress):
-        if lr_schedule == "cosine":
-            for g in optimizer.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def step_loss(step):
         xr = draw_real()
-        xf = draw_fake() if need_fake else None
-        if xf is not None:
-            xf = xf.to(xr.dtype)
+        xf = draw_fake().to(xr.dtype) if need_fake else None
         if objective == "ce":
-            loss = ce_loss(disc, xr, xf, generator=generator, weighting=weighting,
+            return ce_loss(disc, xr, xf, generator=generator, weighting=weighting,
                            **loss_kwargs)
-        else:
-            loss = kl_loss(disc, denoiser, xr, generator=generator, weighting=weighting,
-                           gamma=gamma, x_fake=xf, **loss_kwargs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        pending.append((step, torch.stack([loss.detach().float(), gnorm.detach().float()])))
-        if len(pending) < check_every and step < steps - 1:
-            optimizer.step()              # no read-back: a GPU keeps its queue full
-            continue
-        values = torch.stack([v for _, v in pending]).tolist()     # one synchronisation
-        records, error = [], None
-        for (st, _), (value, gn) in zip(pending, values):
-            if not math.isfinite(value):
-                error = NonFiniteError(f"non-finite discriminator loss {value} at step {st}; "
-                                       f"last finite loss {last:.6g}")
-            elif not math.isfinite(gn):
-                error = NonFiniteError(f"non-finite discriminator gradient at step {st}; last "
-                                       f"finite loss {last:.6g}")
-            if error is not None:
-                break
-            last = value
-            records.append({"step": st, "loss": value})
-        pending.clear()
-        if error is None:
-            optimizer.step()
-        yield from records
-        if error is not None:
-            raise error
+        return kl_loss(disc, denoiser, xr, generator=generator, weighting=weighting,
+                       gamma=gamma, x_fake=xf, **loss_kwargs)
+
+    disc.train()
+    yield from optimisation_loop(step_loss, params, optimizer, steps=steps, lr=lr,
+                                 lr_schedule=lr_schedule, check_every=check_every,
+                                 progress=progress, desc="discriminator",
+                                 what="discriminator loss")
     disc.eval()
 
 

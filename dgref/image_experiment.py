@@ -18,7 +18,6 @@ it depends on: changing a size rebuilds that phase and everything after it, noth
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable
 

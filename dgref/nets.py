@@ -12,7 +12,7 @@ from ._progress import progress_bar
 from .edm import EDMPrecond, edm_loss
 
 __all__ = ["FourierEmbedding", "MLP", "mlp_denoiser", "edm_training_loop", "train_denoiser",
-           "batch_sampler"]
+           "batch_sampler", "optimisation_loop"]
 
 
 class FourierEmbedding(nn.Module):
@@ -92,6 +92,60 @@ def batch_sampler(data, batch_size: int, generator=None, device=None):
                     f"method, got {type(data).__name__}")
 
 
+def optimisation_loop(step_loss, params, optimizer, *, steps: int, lr: float,
+                      lr_schedule: str = "cosine", start_step: int = 0,
+                      check_every: int | None = None, progress: bool | None = None,
+                      desc: str = "training", what: str = "loss") -> Iterator[dict]:
+    """The training loop every dgref objective shares (book: chapters edm and kl_objective).
+
+    For each step: set the learning rate (``"cosine"`` decay over ``steps``, a pure function of
+    the step, or ``"constant"``), compute ``step_loss(step)``, backpropagate, take the
+    optimiser step, and yield ``{"step", "loss"}``. The losses and gradient norms of
+    ``check_every`` steps (default 1 on the CPU, 32 on a GPU: a read-back stalls a GPU) are read
+    back at once; the first non-finite loss or gradient raises :class:`dgref.NonFiniteError`
+    naming the step and the last finite loss, before that step's update when
+    ``check_every = 1``.
+    """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if check_every is None:
+        check_every = 1 if params[0].device.type == "cpu" else 32
+    check_every = check_positive_int("check_every", check_every)
+    last = float("nan")
+    pending = []                          # (step, [loss, grad norm]) not yet read back
+    for step in progress_bar(range(start_step, steps), desc=desc, progress=progress):
+        if lr_schedule == "cosine":
+            for g in optimizer.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        pending.append((step, torch.stack([loss.detach().float(), gnorm.detach().float()])))
+        if len(pending) < check_every and step < steps - 1:
+            optimizer.step()              # no read-back: a GPU keeps its queue full
+            continue
+        values = torch.stack([v for _, v in pending]).tolist()     # one synchronisation
+        records, error = [], None
+        for (st, _), (value, gn) in zip(pending, values):
+            if not math.isfinite(value):
+                error = NonFiniteError(f"non-finite {what} {value} at step {st}; last finite "
+                                       f"loss {last:.6g}")
+            elif not math.isfinite(gn):
+                error = NonFiniteError(f"non-finite {what.replace('loss', 'gradient')} at step "
+                                       f"{st}; last finite loss {last:.6g}")
+            if error is not None:
+                break
+            last = value
+            records.append({"step": st, "loss": value})
+        pending.clear()
+        if error is None:
+            optimizer.step()
+        yield from records
+        if error is not None:
+            raise error
+
+
 def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int = 256,
                       lr: float = 1e-3, sigma_data: float | None = None, P_mean: float = -1.2,
                       P_std: float = 1.2, generator=None, optimizer=None,
@@ -120,48 +174,17 @@ def edm_training_loop(denoiser: nn.Module, data, *, steps: int, batch_size: int 
     params = [p for p in denoiser.parameters() if p.requires_grad]
     if not params:
         raise ValueError("denoiser has no trainable parameters")
-    device = params[0].device
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 32
-    check_every = check_positive_int("check_every", check_every)
     opt = optimizer or torch.optim.Adam(params, lr=lr)
-    draw = batch_sampler(data, batch_size, generator, device)
-    last = float("nan")
-    pending = []                          # (step, loss, grad norm) not yet read back
-    denoiser.train()
-    bar = progress_bar(range(start_step, steps), desc="training", progress=progress)
-    for step in bar:
-        for g in opt.param_groups:        # cosine decay, a pure function of the step
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x0 = draw()
-        loss = edm_loss(denoiser, x0, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
+    draw = batch_sampler(data, batch_size, generator, params[0].device)
+
+    def step_loss(step):
+        return edm_loss(denoiser, draw(), sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
                         generator=generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1e6)
-        pending.append((step, torch.stack([loss.detach().float(), gnorm.detach().float()])))
-        if len(pending) < check_every and step < steps - 1:
-            opt.step()                    # no read-back: the GPU keeps its queue full
-            continue
-        values = torch.stack([v for _, v in pending]).tolist()     # one synchronisation
-        records, error = [], None
-        for (st, _), (value, gn) in zip(pending, values):
-            if not math.isfinite(value):
-                error = NonFiniteError(f"non-finite loss {value} at step {st}; last finite "
-                                       f"loss {last:.6g}")
-            elif not math.isfinite(gn):
-                error = NonFiniteError(f"non-finite gradient at step {st}; last finite loss "
-                                       f"{last:.6g}")
-            if error is not None:
-                break
-            last = value
-            records.append({"step": st, "loss": value})
-        pending.clear()
-        if error is None:
-            opt.step()
-        yield from records
-        if error is not None:
-            raise error
+
+    denoiser.train()
+    yield from optimisation_loop(step_loss, params, opt, steps=steps, lr=lr,
+                                 start_step=start_step, check_every=check_every,
+                                 progress=progress, desc="training")
     denoiser.eval()
 
 
