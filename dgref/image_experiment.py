@@ -39,6 +39,7 @@ __all__ = ["IMAGES_QUICK", "IMAGES_FULL", "images_config", "ImagesExperiment",
 # Bump when a change of the code changes what a cached phase would contain.
 _CODE_VERSION = 2
 
+#: The images chapter's CPU default (book chapter images): 8x8 digits, small networks.
 IMAGES_QUICK = {
     "data": {"image_size": 8, "heldout_fraction": 0.2, "split_seed": 0},
     "classifier": {"width": 16, "feature_dim": 32, "steps": 300, "batch_size": 128,
@@ -54,6 +55,8 @@ IMAGES_QUICK = {
     "metrics": {"k": 3, "num_boot": 200, "level": 0.95},
 }
 
+#: The images chapter's full-size GPU setting (book chapter images): 16x16 digits, wider
+#: networks, more steps and samples.
 IMAGES_FULL = {
     "data": {"image_size": 16, "heldout_fraction": 0.2, "split_seed": 0},
     "classifier": {"width": 32, "feature_dim": 32, "steps": 2000, "batch_size": 256,
