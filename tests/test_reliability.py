@@ -300,3 +300,69 @@ def test_no_network_access():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+# ---------------------------------------------------------------- both objectives, property-based
+class _QuadLogit(torch.nn.Module):
+    """d(x, sigma) = a . x + b |x|^2 / (1 + sigma^2): any data shape, closed-form input gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3))
+        self.b = torch.nn.Parameter(torch.tensor(-0.2))
+
+    def forward(self, x, sigma):
+        flat = x.flatten(1)
+        return self.a * flat.sum(1) + self.b * (flat ** 2).sum(1) / (1 + sigma ** 2)
+
+
+@HYP
+@given(shape=st.lists(st.integers(1, 3), min_size=1, max_size=3), B=st.integers(1, 5),
+       weighting=st.sampled_from(["kl", "edm"]), gamma=st.sampled_from([0.0, 0.5]),
+       seed=st.integers(0, 2**16))
+def test_objectives_finite_and_differentiable_for_any_shape(shape, B, weighting, gamma, seed):
+    from dgref import ce_loss, kl_loss
+    g = torch.Generator().manual_seed(seed)
+    x_real = torch.randn(B, *shape, generator=g, dtype=torch.float64)
+    x_fake = torch.randn(B, *shape, generator=g, dtype=torch.float64) + 1.0
+    disc = _QuadLogit().double()
+
+    def denoiser(x, sigma):                         # the exact denoiser of N(0, I) data
+        return x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2)
+
+    ce = ce_loss(disc, x_real, x_fake, generator=g)
+    kl = kl_loss(disc, denoiser, x_real, generator=g, weighting=weighting, gamma=gamma,
+                 x_fake=x_fake if gamma > 0 else None)
+    for loss in (ce, kl):
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        grads = torch.autograd.grad(loss, list(disc.parameters()))
+        assert all(torch.isfinite(gr).all() for gr in grads)
+    # Cross-entropy is a sum of two softplus terms: positive, and exactly 2 log 2 at d = 0.
+    assert ce > 0
+    zero = _QuadLogit().double()
+    with torch.no_grad():
+        zero.a.zero_()
+        zero.b.zero_()
+    assert torch.allclose(ce_loss(zero, x_real, x_fake, generator=g),
+                          torch.tensor(2 * math.log(2), dtype=torch.float64))
+
+
+@HYP
+@given(B=st.integers(1, 4), bad=st.sampled_from(["shape", "empty", "sigma", "gamma"]))
+def test_objectives_reject_bad_input(B, bad):
+    from dgref import ce_loss, kl_loss
+    disc = _QuadLogit()
+    x = torch.randn(B, 2)
+    D = dgref.ring()
+    if bad == "shape":
+        with pytest.raises((ValueError, TypeError), match="x_fake"):
+            ce_loss(disc, x, torch.randn(B, 3))
+    elif bad == "empty":
+        with pytest.raises(ValueError, match="must not be empty"):
+            kl_loss(disc, D, torch.zeros(0, 2))
+    elif bad == "sigma":
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            kl_loss(disc, D, x, sigma=torch.zeros(B))
+    else:
+        with pytest.raises(ValueError, match="gamma"):
+            kl_loss(disc, D, x, gamma=-1.0)
