@@ -316,20 +316,15 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
 # ---------------------------------------------------------------------------------------------
 # Guidance
 # ---------------------------------------------------------------------------------------------
-def discriminator_correction(disc, window=None):
+def discriminator_correction(disc):
     """The score correction ``c(x, sigma) = grad_x d(x, sigma)`` of a discriminator (book eq. guided-denoiser).
 
-    One discriminator forward + backward per call, none when no level of the batch lies in
-    ``window``. Inside ``torch.no_grad()`` (the sampler) it returns a detached gradient; when
-    ``x`` requires grad under autograd (the ODE likelihood's divergence), it keeps the graph.
+    One discriminator forward + backward per call (the sigma window is applied, and the call
+    skipped outside it, by :class:`dgref.ScoreCorrectedDenoiser`). Inside ``torch.no_grad()``
+    (the sampler) it returns a detached gradient; when ``x`` requires grad under autograd (the
+    ODE likelihood's divergence), it keeps the graph.
     """
-    lo, hi = check_window("window", window)
-
     def correction(x, sigma):
-        if lo > 0.0 or not math.isinf(hi):
-            on = (sigma >= lo) & (sigma <= hi)
-            if not bool(on.any()):
-                return torch.zeros_like(x)
         keep = torch.is_grad_enabled() and x.requires_grad
         _, g = logit_and_grad(disc, x, sigma, create_graph=keep)
         return g
@@ -353,7 +348,7 @@ def discriminator_guidance(denoiser, disc, weight: float = 1.0, window=None
         raise TypeError(f"disc must be callable disc(x, sigma) -> (B,), got "
                         f"{type(disc).__name__}")
     window = check_window("window", window)
-    return ScoreCorrectedDenoiser(denoiser, discriminator_correction(disc, window), weight, window)
+    return ScoreCorrectedDenoiser(denoiser, discriminator_correction(disc), weight, window)
 
 
 def dg_sampler_kwargs(denoiser, disc, weight: float = 1.0, window=None, slopes: str = "euler"

@@ -20,6 +20,9 @@ __all__ = ["ScoreCorrectedDenoiser", "oracle_correction"]
 class ScoreCorrectedDenoiser:
     """``D_tilde = D + w sigma^2 c(x, sigma)`` inside ``window = (sigma_lo, sigma_hi)``, ``D`` outside.
 
+    ``c`` is not evaluated at all when no level of the batch lies in the window (a sampler
+    step has one level for the whole batch), so a costly correction costs nothing there.
+
     Args:
         denoiser: the base ``D(x, sigma)``.
         correction: ``c(x, sigma) -> (B, ...)``, a score correction (may use autograd itself).
@@ -43,7 +46,10 @@ class ScoreCorrectedDenoiser:
         if lo == 0.0 and math.isinf(hi):
             mask = None                   # guidance everywhere: no mask to build
         else:
-            mask = ((sigma >= lo) & (sigma <= hi)).to(x.dtype)  # (B,)
+            on = (sigma >= lo) & (sigma <= hi)                  # (B,)
+            if not bool(on.any()):        # whole batch outside the window: no correction call
+                return out
+            mask = on.to(x.dtype)
         c = self.correction(x, sigma)
         scale = self.weight * sigma ** 2 if mask is None else self.weight * sigma ** 2 * mask
         return out + scale.reshape(-1, *([1] * (x.ndim - 1))) * c
