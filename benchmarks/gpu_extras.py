@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import dgref  # noqa: E402
-from dgref import _checks, bench  # noqa: E402
+import bench  # noqa: E402  (benchmarks/bench.py, next to this script)
+from dgref import _checks  # noqa: E402
 from dgref.discriminator import Discriminator, dg_sampler_kwargs  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def main():
 
     # 1c. discriminator training loop (reads loss and grad norm back every step) vs bare steps
     from dgref.discriminator import ce_loss, discriminator_training_loop
-    from dgref.nets import batch_sampler
+    from dgref.training import batch_sampler
     model = data.reweighted(stds=0.22)
     dsteps = train_steps
 
@@ -123,7 +124,7 @@ def main():
             torch.manual_seed(0)
             net = dgref.mlp_denoiser(2, data.std()).to(dev)
             g = torch.Generator(device=dev).manual_seed(0)
-            for _ in dgref.edm_training_loop(net, data, steps=steps, generator=g,
+            for _ in dgref.training.edm_training_loop(net, data, steps=steps, generator=g,
                                              batch_size=256 if args.dry else 4096,
                                              check_every=check_every):
                 pass

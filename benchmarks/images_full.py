@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from dgref.image_experiment import (ImagesExperiment, format_metrics_table,  # noqa: E402
                                     images_config)
-from dgref.utils import resolve_device  # noqa: E402
+from dgref import resolve_device  # noqa: E402
 
 SMOKE = {
     "classifier": {"width": 8, "feature_dim": 16, "steps": 30},

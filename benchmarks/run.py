@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dgref import bench  # noqa: E402
+import bench  # noqa: E402  (benchmarks/bench.py, next to this script)
 
 
 def main(argv=None) -> int:

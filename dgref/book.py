@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import torch
 
 from ._progress import set_progress
-from .utils import resolve_device, seed_everything
+from ._util import resolve_device
+from .rng import seed_everything
 
 __all__ = ["setup_chapter", "PARAMETERS_PREFIX"]
 

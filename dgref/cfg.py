@@ -1,4 +1,4 @@
-"""Classifier-free and classifier guidance, a conditional MLP, and two training losses.
+"""Classifier-free and classifier guidance, the two CFG training losses, and the CFG trainer.
 
 Book chapter "Classifier-free guidance and the training discrepancy".
 
@@ -9,27 +9,26 @@ meaning *no guidance* (the plain conditional model),
 
 i.e. the score ``grad log p(x | c) + w grad log p(c | x)`` (eq. cfg-score). A *conditional
 denoiser* is a callable ``D(x, sigma, labels)`` with ``labels`` ``(B,)`` in ``0..C`` where ``C``
-is the null label (see :mod:`dgref.conditional`). Guidance wrappers below turn it into a plain
+is the null label (see :mod:`dgref.labelled`). Guidance wrappers below turn it into a plain
 denoiser ``D(x, sigma)`` for :func:`dgref.edm_sampler`, so the sampler never changes.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ._checks import (NonFiniteError, check_finite_float, check_labels, check_positive_float,
+from ._checks import (check_finite_float, check_labels, check_positive_float,
                       check_positive_int, check_sigma, check_tensor)
-from ._progress import progress_bar
-from .edm import EDMPrecond, edm_sample_sigmas
+from ._util import bcast
+from .edm import edm_loss_weight, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
-from .nets import FourierEmbedding
-from .utils import randn
+from .rng import randn
+from .training import optimisation_loop
 
-__all__ = ["CFGDenoiser", "classifier_guidance", "guided_optimum_denoiser", "ConditionalMLP",
-           "conditional_mlp_denoiser", "cfg_loss", "cfg_training_loop"]
+__all__ = ["CFGDenoiser", "classifier_guidance", "guided_optimum_denoiser", "cfg_loss",
+           "cfg_training_loop", "train_cfg"]
 
 
 def _null_of(denoiser, null_label):
@@ -128,51 +127,10 @@ def guided_optimum_denoiser(denoiser, w_train: float, null_label: int | None = N
         cond = denoiser(x, sigma, lab)
         uncond = denoiser(x, sigma, torch.full_like(lab, null))
         mixed = (cond + w * uncond) / (1 + w)
-        return torch.where((lab == null).reshape(-1, *([1] * (x.ndim - 1))), uncond, mixed)
+        return torch.where(bcast(lab == null, x), uncond, mixed)
 
     D.null_label = null
     return D
-
-
-class ConditionalMLP(nn.Module):
-    """``F(x_in, c_noise, labels)``: a SiLU MLP on ``[x_in, embed(c_noise), embed(label)]``.
-
-    ``labels`` ``(B,)`` in ``0..num_classes``; the last value is the null label (its own learned
-    embedding), trained by label dropout.
-    """
-
-    def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3,
-                 num_freqs: int = 16, label_dim: int = 16):
-        super().__init__()
-        self.dim = check_positive_int("dim", dim)
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.null_label = self.num_classes
-        check_positive_int("hidden", hidden)
-        check_positive_int("depth", depth)
-        check_positive_int("label_dim", label_dim)
-        self.embed = FourierEmbedding(num_freqs)
-        self.label_embed = nn.Embedding(num_classes + 1, label_dim)
-        layers, width = [], dim + 2 * num_freqs + label_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, dim))
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels) -> torch.Tensor:
-        lab = check_labels("labels", labels, x_in.shape[0], self.num_classes, device=x_in.device)
-        h = torch.cat([x_in, self.embed(c_noise).to(x_in.dtype),
-                       self.label_embed(lab).to(x_in.dtype)], dim=1)
-        return self.body(h)
-
-
-def conditional_mlp_denoiser(dim: int, num_classes: int, sigma_data: float, hidden: int = 128,
-                             depth: int = 3) -> EDMPrecond:
-    """An EDM-preconditioned :class:`ConditionalMLP` (book eq. edm-precond with a label):
-    ``D(x, sigma, labels)``; the null label is ``num_classes``."""
-    pre = EDMPrecond(ConditionalMLP(dim, num_classes, hidden, depth), sigma_data)
-    pre.null_label = num_classes
-    return pre
 
 
 _LOSSES = ("standard", "guided")
@@ -217,15 +175,14 @@ def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "s
     drop = torch.rand((B,), generator=generator, device=gdev).to(x0.device) < p
     lab_in = torch.where(drop, torch.full_like(lab, null), lab)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
-    sb = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-    x = x0 + sb * n
+    x = x0 + bcast(sigma, x0) * n
     if loss == "standard":
         pred = denoiser(x, sigma, lab_in)
     else:
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
                         torch.cat([lab_in, torch.full_like(lab, null)]))
         pred = (1 + w) * both[:B] - w * both[B:]
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = edm_loss_weight(sigma, sigma_data)
     per = weight * ((pred - x0) ** 2).flatten(1).sum(1)
     return per.mean() if reduction == "mean" else per
 
@@ -234,13 +191,16 @@ def cfg_training_loop(denoiser: nn.Module, data, labels=None, *, steps: int,
                       loss: str = "standard", w_train: float = 0.0, p_uncond: float = 0.1,
                       batch_size: int = 256, lr: float = 1e-3, sigma_data: float | None = None,
                       null_label: int | None = None, P_mean: float = -1.2, P_std: float = 1.2,
-                      generator=None, progress: bool | None = None) -> Iterator[dict]:
+                      generator=None, progress: bool | None = None,
+                      check_every: int | None = None) -> Iterator[dict]:
     """Train a conditional denoiser with :func:`cfg_loss` (book eq. cfg-loss or cfg-guided-loss);
     yields ``{"step", "loss"}`` per step.
 
-    ``data`` is either a tensor ``(N, dim)`` with ``labels`` ``(N,)`` (batches drawn with
-    replacement) or a :class:`dgref.LabelledWorld` (fresh samples each step, ``labels=None``).
-    Adam with cosine decay, as :func:`dgref.edm_training_loop`.
+    A generator: nothing is trained until it is iterated (or use :func:`train_cfg`, which
+    returns the losses). ``data`` is either a tensor ``(N, dim)`` with ``labels`` ``(N,)``
+    (batches drawn with replacement) or a :class:`dgref.LabelledWorld` (fresh samples each
+    step, ``labels=None``). Adam with cosine decay and the shared loop of
+    :func:`dgref.training.optimisation_loop` (non-finite stop, batched read-back).
     """
     steps = check_positive_int("steps", steps)
     check_positive_int("batch_size", batch_size)
@@ -273,23 +233,22 @@ def cfg_training_loop(denoiser: nn.Module, data, labels=None, *, steps: int,
         raise ValueError("denoiser has no trainable parameters")
     device = params[0].device
     opt = torch.optim.Adam(params, lr=lr)
-    denoiser.train()
-    last = float("nan")
-    for step in progress_bar(range(steps), desc="training", progress=progress):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def step_loss(step):
         x0, lab = draw()
         x0, lab = x0.to(device, params[0].dtype), lab.to(device)
-        value_t = cfg_loss(denoiser, x0, lab, loss=loss, w_train=w_train, p_uncond=p_uncond,
-                           null_label=null, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
-                           generator=generator)
-        opt.zero_grad(set_to_none=True)
-        value_t.backward()
-        value = float(value_t.detach())
-        if not math.isfinite(value):
-            raise NonFiniteError(f"non-finite loss {value} at step {step}; last finite loss "
-                                 f"{last:.6g}")
-        opt.step()
-        last = value
-        yield {"step": step, "loss": value}
+        return cfg_loss(denoiser, x0, lab, loss=loss, w_train=w_train, p_uncond=p_uncond,
+                        null_label=null, sigma_data=sigma_data, P_mean=P_mean, P_std=P_std,
+                        generator=generator)
+
+    denoiser.train()
+    yield from optimisation_loop(step_loss, params, opt, steps=steps, lr=lr,
+                                 check_every=check_every, progress=progress, desc="training")
     denoiser.eval()
+
+
+def train_cfg(denoiser: nn.Module, data, labels=None, *, steps: int, **kwargs) -> list[float]:
+    """Train a conditional denoiser with :func:`cfg_loss` (book eq. cfg-loss or cfg-guided-loss):
+    run :func:`cfg_training_loop` to the end and return the per-step losses."""
+    return [rec["loss"] for rec in cfg_training_loop(denoiser, data, labels, steps=steps,
+                                                      **kwargs)]

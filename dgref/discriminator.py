@@ -8,7 +8,7 @@ Book chapters "The KL argument" (eq. kl_argument-identity, eq. kl_argument-gradi
 - Guidance adds ``w sigma^2 grad_x d`` to the model's denoiser (book eq. guided-denoiser).
 - Two objectives: the time-weighted binary cross-entropy of Kim et al. 2023 (:func:`ce_loss`)
   and the reconstruction loss on the corrected denoiser that bounds the KL of the refined model
-  (Verine et al. 2025, seed 000; :func:`kl_loss`).
+  (Verine et al. 2025; :func:`kl_loss`).
 
 Every function takes an explicit ``generator=`` where randomness enters.
 """
@@ -23,22 +23,18 @@ from torch.nn import functional as F
 
 from ._checks import (check_positive_float,
                       check_positive_int, check_sigma, check_tensor, check_window)
-from .edm import edm_precond_coeffs, edm_sample_sigmas
+from ._util import bcast as _bcast
+from .edm import edm_loss_weight, edm_precond_coeffs, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
-from .likelihood import kl_divergence
-from .nets import MLP, batch_sampler, optimisation_loop
-from .utils import randn
+from .nets import MLP, silu_mlp
+from .rng import init_rng, randn
+from .training import batch_sampler, optimisation_loop
 
 __all__ = ["Discriminator", "logit_and_grad", "sample_training_sigmas", "ce_loss", "kl_loss",
            "discriminator_correction", "discriminator_guidance", "dg_sampler_kwargs",
-           "oracle_logit", "discriminator_training_loop", "train_discriminator",
-           "score_error_kl", "guided_kl"]
+           "oracle_logit", "discriminator_training_loop", "train_discriminator"]
 
 _SIGMA_DISTS = ("lognormal", "loguniform")
-
-
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,14 +50,14 @@ class Discriminator(nn.Module):
     that ``x`` is real.
 
     ``num_freqs=0`` (default) feeds ``c_noise`` to the network as one raw input. With
-    ``num_freqs > 0`` the network is :class:`dgref.MLP` with that many Fourier features of
+    ``num_freqs > 0`` the network is :class:`dgref.nets.MLP` with that many Fourier features of
     ``c_noise``; in our 2-D runs those 32 (default 16 frequencies) noise features drowned the
     two coordinates at initialisation and cross-entropy training stayed on the plateau
     ``d = const`` for hundreds of steps, hence the default.
     """
 
     def __init__(self, dim: int, sigma_data: float, hidden: int = 128, depth: int = 3,
-                 num_freqs: int = 0):
+                 num_freqs: int = 0, *, generator=None):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.sigma_data = check_positive_float("sigma_data", sigma_data)
@@ -70,15 +66,11 @@ class Discriminator(nn.Module):
         if isinstance(num_freqs, bool) or not isinstance(num_freqs, int) or num_freqs < 0:
             raise ValueError(f"num_freqs must be an int >= 0, got {num_freqs!r}")
         self.num_freqs = num_freqs
-        if num_freqs > 0:
-            self.net = MLP(self.dim, hidden, depth, out_dim=1, num_freqs=num_freqs)
-        else:
-            layers, width = [], self.dim + 1
-            for _ in range(depth):
-                layers += [nn.Linear(width, hidden), nn.SiLU()]
-                width = hidden
-            layers.append(nn.Linear(width, 1))
-            self.net = nn.Sequential(*layers)
+        with init_rng(generator):
+            if num_freqs > 0:
+                self.net = MLP(self.dim, hidden, depth, out_dim=1, num_freqs=num_freqs)
+            else:
+                self.net = silu_mlp(self.dim + 1, hidden, depth, 1)
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         check_tensor("x", x, ndim=2, last_dim=self.dim)
@@ -254,7 +246,7 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
 
     What follows the paper and what is ours: the *form* (the reconstruction loss on
     ``D + sigma^2 grad d`` against real data, trained with double backprop, needing only real
-    data and the frozen model) follows Verine et al. 2025 (seed 000). The KL weighting and its
+    data and the frozen model) follows Verine et al. 2025. The KL weighting and its
     log-uniform sampling are our derivation; ``L_MSE + gamma L_CE`` is our reading of how the
     paper mixes in the cross-entropy (its exact placement is unconfirmed).
 
@@ -299,7 +291,7 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
         if sigma_data is None:
             sigma_data = getattr(denoiser, "sigma_data", None) or getattr(disc, "sigma_data", 0.5)
         sd = check_positive_float("sigma_data", sigma_data)
-        lam = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+        lam = edm_loss_weight(sigma, sd)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + _bcast(sigma, x0) * n
     with torch.no_grad():                                           # the frozen model
@@ -397,6 +389,8 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
                                 **loss_kwargs) -> Iterator[dict]:
     """Train a discriminator with :func:`ce_loss` or :func:`kl_loss` (book: chapter kl_objective); yields ``{"step", "loss"}``.
 
+    A generator: nothing is trained until it is iterated (or use :func:`train_discriminator`).
+
     ``x_real`` / ``x_fake`` are tensors ``(N, ...)`` (batches drawn with replacement, so a small
     ``N`` means a finite training set) or objects with ``sample(n, generator=)`` (a fresh
     sample every step). ``objective="ce"`` needs ``x_fake``; ``"kl"`` needs the frozen
@@ -405,7 +399,7 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     constant or with ``lr_schedule="cosine"`` decay. Stops with :class:`dgref.NonFiniteError` at
     the first non-finite loss or gradient, naming the step and the last finite loss.
     ``check_every`` (default 1 on the CPU, 32 on a GPU) is how many steps run between two
-    read-backs of the losses, as in :func:`dgref.edm_training_loop`: on a GPU each read-back
+    read-backs of the losses, as in :func:`dgref.training.edm_training_loop`: on a GPU each read-back
     is a synchronisation, so records then come in blocks (every step still gets one, in order)
     and the steps after a non-finite one in the same block have already run (likewise after
     the record at which a consumer stops: use ``check_every=1`` to stop at an exact step).
@@ -464,72 +458,3 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
 def train_discriminator(disc: nn.Module, **kwargs) -> list[float]:
     """Run :func:`discriminator_training_loop` to the end; return the per-step losses (book: chapter kl_objective)."""
     return [rec["loss"] for rec in discriminator_training_loop(disc, **kwargs)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring: the score-error integral and the exact KL of a guided model
-# ---------------------------------------------------------------------------------------------
-def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
-                   sigma_max: float = 80.0, num_sigmas: int = 64, num_points: int = 2000,
-                   generator=None, dtype=torch.float32, batch_size: int | None = None,
-                   device=None) -> tuple[float, float]:
-    """The score-error integral with its standard error (book eq. kl_argument-score-integral).
-
-    ``I = 1/2 int g^2 E_{p_t}|grad log p_t - s|^2 dt = int_{sigma_min}^{sigma_max}
-    E_{p_sigma} |D_p(x; sigma) - D(x; sigma)|^2 / sigma^3 dsigma``
-    (EDM coordinates: ``g^2 dt = 2 sigma dsigma``, ``s = (D - x)/sigma^2``), where ``D_p`` is
-    ``reference`` (default: the data mixture's exact denoiser ``p.denoise``) and ``D`` is
-    ``denoiser`` (any denoiser; a guided one from :func:`discriminator_guidance`).
-
-    Quadrature in ``u = ln sigma`` (``I = int du E|D_p - D|^2 / sigma^2``, Simpson's rule on
-    ``num_sigmas`` uniform nodes, rounded up to odd) with Monte Carlo in ``x``: every one of
-    ``num_points`` pairs ``(x0 ~ p, n ~ N(0, I))`` is pushed through all levels
-    (``x = x0 + sigma n``), so each pair gives an independent estimate of ``I`` and the
-    standard error is theirs. ``dtype`` and ``device`` are those of the points (match the
-    denoiser's; the squared errors are summed in float64 on the CPU). When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
-    ``KL(p_{sigma_min} || q_{sigma_min}) - KL(p_{sigma_max} || q_{sigma_max})``.
-    Returns ``(value, standard_error)``.
-    """
-    if not hasattr(p, "sample"):
-        raise TypeError(f"p must be a GaussianMixture, got {type(p).__name__}")
-    if not callable(denoiser):
-        raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
-    lo, hi = _check_range(sigma_min, sigma_max)
-    num_sigmas = check_positive_int("num_sigmas", num_sigmas)
-    num_points = check_positive_int("num_points", num_points)
-    if num_sigmas < 3:
-        raise ValueError(f"num_sigmas must be >= 3, got {num_sigmas}")
-    if num_sigmas % 2 == 0:
-        num_sigmas += 1
-    reference = p.denoise if reference is None else reference
-    u = torch.linspace(math.log(lo), math.log(hi), num_sigmas, dtype=torch.float64)
-    h = float(u[1] - u[0])
-    simpson = torch.ones(num_sigmas, dtype=torch.float64)
-    simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
-    quad = (simpson * h / 3).tolist()
-    x0 = p.sample(num_points, generator=generator, dtype=dtype, device=device)
-    noise = randn(x0.shape, generator, dtype=dtype, device=x0.device)
-    bs = num_points if batch_size is None else check_positive_int("batch_size", batch_size)
-    total = torch.zeros(num_points, dtype=torch.float64)
-    for i, ui in enumerate(u.tolist()):
-        s = math.exp(ui)
-        for a in range(0, num_points, bs):
-            xb = x0[a:a + bs] + s * noise[a:a + bs]
-            sig = torch.full((xb.shape[0],), s, dtype=dtype, device=xb.device)
-            with torch.no_grad():
-                diff = reference(xb, sig) - denoiser(xb, sig)
-            total[a:a + bs] += quad[i] * diff.double().flatten(1).pow(2).sum(1).cpu() / s ** 2
-    return float(total.mean()), float(total.std(unbiased=True) / math.sqrt(num_points))
-
-
-def guided_kl(data, denoiser, disc=None, weight: float = 1.0, window=None, **kl_kwargs
-              ) -> tuple[float, float]:
-    """Exact ``KL(p_data || p_model)`` of a (discriminator-)guided model by the ODE likelihood (book eq. kl-ode).
-
-    With ``disc`` given, the model is ``discriminator_guidance(denoiser, disc, weight, window)``
-    (both slopes guided: the refined probability-flow ODE); otherwise ``denoiser`` itself.
-    Further arguments go to :func:`dgref.kl_divergence` (``num_points``, ``num_steps``,
-    ``generator``, ``x``, ...). Returns ``(kl, standard_error)``.
-    """
-    model = denoiser if disc is None else discriminator_guidance(denoiser, disc, weight, window)
-    return kl_divergence(data, model, **kl_kwargs)

@@ -1,7 +1,10 @@
-"""EDM (Karras et al. 2022) written from the paper's equations.
+"""The EDM core (Karras et al. 2022) written from the paper's equations, and both samplers.
 
 Book chapter "Diffusion in the EDM form, step by step": preconditioning (eq. edm-precond),
-the training loss (eq. edm-loss), the time steps (eq. edm-steps) and the sampler (Algorithm 2).
+the training loss and its weight (eq. edm-loss), the time steps (eq. edm-steps), the
+deterministic sampler with optional churn (Algorithm 2), and the reverse-SDE sampler (book eq.
+guidance-theory-sde). The factories :func:`mlp_denoiser` and :func:`conditional_mlp_denoiser`
+put a network of :mod:`dgref.nets` inside the preconditioning.
 
 A *denoiser* is any callable ``D(x, sigma) -> x0_hat`` with ``x`` of shape ``(B, ...)`` and
 ``sigma`` of shape ``(B,)``. Guidance of every kind is a denoiser wrapping another one, so the
@@ -18,17 +21,15 @@ from torch import nn
 from ._checks import (NonFiniteError, check_finite_float, check_positive_float,
                       check_positive_int, check_sigma, check_tensor)
 from ._progress import progress_bar
-from .utils import randn
+from ._util import bcast as _bcast
+from .nets import MLP, ConditionalMLP
+from .rng import randn
 
-__all__ = ["edm_precond_coeffs", "EDMPrecond", "edm_loss", "edm_sample_sigmas",
-           "edm_sigma_steps", "SamplerStep", "edm_sampler_iter", "edm_sampler"]
+__all__ = ["edm_precond_coeffs", "EDMPrecond", "edm_loss_weight", "edm_loss",
+           "edm_sample_sigmas", "edm_sigma_steps", "SamplerStep", "edm_sampler_iter",
+           "edm_sampler", "edm_sde_sampler", "mlp_denoiser", "conditional_mlp_denoiser"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape ``(B,)`` to ``(B, 1, ..., 1)`` so it broadcasts against ``x``."""
-    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def edm_precond_coeffs(sigma: torch.Tensor, sigma_data: float = 0.5):
@@ -93,6 +94,14 @@ def edm_sample_sigmas(batch: int, *, P_mean: float = -1.2, P_std: float = 1.2,
     return (P_mean + P_std * z).exp()
 
 
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """The EDM loss weight ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``
+    (book eq. edm-loss), of ``sigma``'s shape: ``1 / c_out^2``, so that the network's own
+    target has unit weight. Shared by :func:`edm_loss`, :func:`dgref.cfg_loss` and
+    :func:`dgref.kl_loss` (its EDM weighting)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
 def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
              P_mean: float = -1.2, P_std: float = 1.2, generator=None,
              sigma: torch.Tensor | None = None, reduction: str = "mean", extra_args=()
@@ -115,7 +124,7 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
         sigma = check_sigma("sigma", sigma, B, like=x0)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + _bcast(sigma, x0) * n
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    weight = edm_loss_weight(sigma, sigma_data)
     err = (denoiser(x, sigma, *extra_args) - x0) ** 2
     per_example = weight * err.flatten(1).sum(1)
     return per_example.mean() if reduction == "mean" else per_example
@@ -141,6 +150,20 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
     t = (hi + frac * (lo - hi)) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
     return t.to(device=device, dtype=dtype)
+
+
+def _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho) -> list[float]:
+    """The sampler's levels as host floats (no device syncs in the loop): the rho-schedule of
+    :func:`edm_sigma_steps`, or ``sigmas`` checked to be strictly decreasing, positive and
+    ending in 0."""
+    if sigmas is None:
+        return [float(t) for t in edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)]
+    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.ndim != 1 or s.numel() < 2 or float(s[-1]) != 0.0 or bool((s[1:] >= s[:-1]).any()) \
+            or float(s[-2]) <= 0:
+        raise ValueError("sigmas must be a strictly decreasing 1-D sequence of positive levels "
+                         "ending in 0")
+    return [float(t) for t in s]
 
 
 class SamplerStep(NamedTuple):
@@ -173,15 +196,7 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
     for name, val in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         check_positive_float(name, val, allow_zero=True)
     check_positive_float("S_max", S_max, allow_zero=True, allow_inf=True)
-    if sigmas is None:
-        sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
-    else:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-        if sigmas.ndim != 1 or sigmas.numel() < 2 or float(sigmas[-1]) != 0.0 or bool(
-                (sigmas[1:] >= sigmas[:-1]).any()) or float(sigmas[-2]) <= 0:
-            raise ValueError("sigmas must be a strictly decreasing 1-D sequence of positive "
-                             "levels ending in 0")
-    t_steps = [float(t) for t in sigmas]          # host floats: no device syncs in the loop
+    t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
     N = len(t_steps) - 1
     heun = denoiser if heun_denoiser is None else heun_denoiser
     B = latents.shape[0]
@@ -237,3 +252,76 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, *, callback=None,
                                  f"out of {x.shape[0]}; check the denoiser and the guidance "
                                  "weight")
     return x
+
+
+_SDE_METHODS = ("euler_maruyama", "ancestral")
+
+
+def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
+                    sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    sigmas=None, method: str = "euler_maruyama", generator=None,
+                    extra_args=(), progress: bool | None = None, check_finite: bool = True
+                    ) -> torch.Tensor:
+    """Sample the reverse SDE (book eq. guidance-theory-sde) with any denoiser ``D(x, sigma)``.
+
+    With ``x_sigma = x0 + sigma n`` the forward process is ``dx = sqrt(2 sigma) dW`` in the
+    "time" sigma; its reverse, run from ``sigma_max`` down to 0, is
+    ``dx = -2 sigma grad log p_sigma(x) dsigma + sqrt(2 sigma) dW_bar`` with
+    ``grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2``: the same marginals as the
+    probability-flow ODE that :func:`edm_sampler` integrates.
+
+    Steps run over the EDM levels ``t_0 > ... > t_{N-1} > t_N = 0`` (``sigmas`` overrides them);
+    ``x = t_0 * latents`` at the start. For each step ``t -> t' > 0``:
+
+    - ``"euler_maruyama"``: ``x += 2 (t - t')/t (D(x; t) - x) + sqrt(2 t (t - t')) z``;
+    - ``"ancestral"``: ``x = D + (t'/t)^2 (x - D) + t' sqrt(1 - (t'/t)^2) z`` (the exact
+      Gaussian bridge around the point ``D``, a stable discretisation of the same SDE).
+
+    The last step to ``t_N = 0`` returns ``D(x; t_{N-1})`` (no noise). ``generator`` draws all
+    the noise. Runs without autograd (a guidance that needs it enables it itself).
+    """
+    check_tensor("latents", latents, min_ndim=2)
+    if method not in _SDE_METHODS:
+        raise ValueError(f"method must be one of {_SDE_METHODS}, got {method!r}")
+    t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
+    B, dtype, device = latents.shape[0], latents.dtype, latents.device
+    x = latents * t_steps[0]
+    with torch.no_grad():
+        for i in progress_bar(range(len(t_steps) - 1), desc="sde", progress=progress):
+            t, tn = t_steps[i], t_steps[i + 1]
+            D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *extra_args)
+            if tn == 0.0:
+                x = D
+                break
+            z = randn(x.shape, generator, dtype=dtype, device=device)
+            if method == "euler_maruyama":
+                x = x + 2 * (t - tn) / t * (D - x) + math.sqrt(2 * t * (t - tn)) * z
+            else:
+                r = (tn / t) ** 2
+                x = D + r * (x - D) + tn * math.sqrt(1 - r) * z
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"the SDE sampler produced {int((~torch.isfinite(x)).sum())} "
+                             "non-finite values; check the denoiser and the guidance weight")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories: a network of dgref.nets inside the preconditioning
+# ---------------------------------------------------------------------------------------------
+def mlp_denoiser(dim: int, sigma_data: float, hidden: int = 256, depth: int = 3, *,
+                 generator=None) -> EDMPrecond:
+    """An MLP inside the EDM preconditioning (book eq. edm-precond): a denoiser ``D(x, sigma)``
+    for ``dim``-dimensional data. ``generator`` draws the initial weights (default: torch's
+    global generator)."""
+    return EDMPrecond(MLP(dim, hidden, depth, generator=generator), sigma_data)
+
+
+def conditional_mlp_denoiser(dim: int, num_classes: int, sigma_data: float, hidden: int = 128,
+                             depth: int = 3, *, generator=None) -> EDMPrecond:
+    """An EDM-preconditioned :class:`dgref.nets.ConditionalMLP` (book eq. edm-precond with a
+    label): ``D(x, sigma, labels)``; the null label is ``num_classes``. ``generator`` draws the
+    initial weights (default: torch's global generator)."""
+    pre = EDMPrecond(ConditionalMLP(dim, num_classes, hidden, depth, generator=generator),
+                     sigma_data)
+    pre.null_label = num_classes
+    return pre

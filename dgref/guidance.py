@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._checks import check_finite_float, check_sigma, check_tensor, check_window
+from ._util import bcast
 
 __all__ = ["ScoreCorrectedDenoiser", "oracle_correction"]
 
@@ -52,7 +53,7 @@ class ScoreCorrectedDenoiser:
             mask = on.to(x.dtype)
         c = self.correction(x, sigma)
         scale = self.weight * sigma ** 2 if mask is None else self.weight * sigma ** 2 * mask
-        return out + scale.reshape(-1, *([1] * (x.ndim - 1))) * c
+        return out + bcast(scale, x) * c
 
 
 def oracle_correction(data, model):

@@ -2,9 +2,9 @@
 
 Book chapter "Images" and ``benchmarks/images_full.py`` run the same phases from here:
 
-1. data (:func:`dgref.images.load_digit_images`),
+1. data (:func:`dgref.digits.load_digit_images`),
 2. the feature network (a digit classifier trained on the training split),
-3. the base EDM denoiser (U-Net, :func:`dgref.edm_training_loop`),
+3. the base EDM denoiser (U-Net, :func:`dgref.train_denoiser`),
 4. base samples: a set for training the CE discriminator and an evaluation set,
 5. two discriminators, trained with the cross-entropy and with the KL objective
    (:func:`dgref.discriminator.train_discriminator`),
@@ -25,13 +25,14 @@ import torch
 
 from ._checks import check_nonneg_int
 from .cache import cached
+from ._util import resolve_device
+from .digits import ImageDiscriminator, generate_images, load_digit_images, unet_denoiser
 from .discriminator import dg_sampler_kwargs, train_discriminator
-from .images import (ImageDiscriminator, generate_images, load_digit_images, unet_denoiser)
 from .metrics import (DigitClassifier, bootstrap_interval, class_histogram,
                       classifier_accuracy, evaluate_samples, extract_features,
                       frechet_distance, train_classifier)
-from .nets import train_denoiser
-from .utils import make_generator, resolve_device
+from .rng import make_generator
+from .training import train_denoiser
 
 __all__ = ["IMAGES_QUICK", "IMAGES_FULL", "images_config", "ImagesExperiment",
            "format_metrics_table"]

@@ -1,4 +1,4 @@
-"""Probability-flow ODE log-likelihood and exact KL on the toy world (book: eq. ode-loglik).
+"""Probability-flow ODE log-likelihood, KL divergences and the score-error integral (book: eq. ode-loglik).
 
 In ``u = log sigma`` the probability-flow ODE is ``dx/du = x - D(x; sigma)`` and, by the
 instantaneous change of variables,
@@ -18,9 +18,11 @@ import torch
 
 from ._checks import check_positive_float, check_positive_int, check_tensor
 from ._progress import progress_bar
-from .utils import randn
+from .rng import randn
 
-__all__ = ["divergence", "ode_log_likelihood", "kl_divergence", "mixture_kl"]
+__all__ = ["divergence", "ode_log_likelihood", "kl_divergence", "mixture_kl", "score_error_kl"]
+
+_SOLVERS = ("heun", "rk4", "exp-heun")
 
 
 def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = "exact",
@@ -64,30 +66,58 @@ def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = 
 
 
 def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
-                       sigma_max: float = 80.0, num_steps: int = 128, method: str = "auto",
-                       num_probes: int = 1, generator=None, batch_size: int | None = None,
-                       progress: bool | None = None, extra_args=(), solver: str = "heun",
-                       batched: bool = False) -> torch.Tensor:
+                       sigma_max: float = 80.0, num_steps: int = 128, sigmas=None,
+                       solver: str = "heun", method: str = "auto", num_probes: int = 1,
+                       generator=None, batch_size: int | None = None,
+                       progress: bool | None = None, extra_args=(), batched: bool = False,
+                       field=None) -> torch.Tensor:
     """Log-likelihood ``(N,)`` of points ``x`` ``(N, dim)`` under a denoiser's probability-flow ODE.
 
-    Integrates the joint ODE of ``(x, log-density)`` from ``sigma_min`` to ``sigma_max`` with
-    ``num_steps`` Heun (RK2) steps uniform in ``log sigma`` (book eq. ode-loglik).
-    ``method="auto"`` is exact for ``dim <= 8`` and Hutchinson (Rademacher probes, fixed along
-    each path, ``num_probes`` of them) above.
+    Integrates the joint ODE of ``(x, log-density)`` from ``sigma_min`` to ``sigma_max`` in
+    ``u = log sigma`` (book eq. ode-loglik): ``num_steps`` steps uniform in ``log sigma``, or
+    the steps of a given increasing grid ``sigmas`` ``(S+1,)`` (then ``sigma_min``,
+    ``sigma_max`` and ``num_steps`` are taken from it; e.g. :func:`dgref.constructions.sigma_grid`,
+    which refines where the field is stiff). ``method="auto"`` is exact for ``dim <= 8`` and
+    Hutchinson (Rademacher probes, fixed along each path, ``num_probes`` of them) above.
 
-    ``solver="rk4"`` takes classical Runge-Kutta steps instead (4 evaluations per step, 2 for
-    Heun). On the ring with its exact denoiser the KL bias is 0.008 nats for Heun with 128
-    steps (256 evaluations) and 0.001 for RK4 with 32 steps (128 evaluations): half the cost,
-    a seventh of the bias. ``batched`` is passed to :func:`divergence`.
+    Solvers: ``"heun"`` (RK2, 2 evaluations per step; the default), ``"rk4"`` (classical
+    Runge-Kutta, 4 per step) and ``"exp-heun"`` (Heun with the linear part ``x`` of the drift
+    ``dx/du = x - D`` integrated exactly: ``x_{k+1} = e^h x_k - (e^h - 1) (D_k + D_{k+1}) / 2``
+    with ``D_{k+1}`` at the Euler predictor; the log-density by the trapezoid rule). On the ring
+    with its exact denoiser the KL bias is 0.008 nats for Heun with 128 steps (256 evaluations)
+    and 0.001 for RK4 with 32 steps (128 evaluations): half the cost, a seventh of the bias;
+    on the book's toy worlds exp-heun's error is about 3x smaller than Heun's at equal steps.
+    ``batched`` is passed to :func:`divergence`; ``field``, if given, replaces autograd:
+    ``field(x, sigma) -> (D, div D)`` with sigma ``(B,)``. ``extra_args`` (a tuple) are
+    passed to the denoiser after ``sigma``.
+
+    Compared with k-diffusion's ``log_likelihood(model, x, sigma_min, sigma_max)``: the same
+    quantity (``log p`` of the data points in nats, summed over dimensions, higher is more
+    likely, ``log N(x_T; 0, sigma_max^2 I)`` of the end point plus the integrated divergence,
+    ``int (dim - div D) du = int div((x - D)/sigma) dsigma``). k-diffusion integrates in
+    ``sigma`` with an adaptive solver (torchdiffeq's dopri5, ``atol = rtol = 1e-4``) and one
+    Rademacher Hutchinson probe, and returns ``(log p, info)``; here the steps are fixed (in
+    ``log sigma``), the divergence is exact in low dimension, and a tensor is returned.
     """
-    if solver not in ("heun", "rk4"):
-        raise ValueError(f"solver must be 'heun' or 'rk4', got {solver!r}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
     check_tensor("x", x, ndim=2)
-    sigma_min = check_positive_float("sigma_min", sigma_min)
-    sigma_max = check_positive_float("sigma_max", sigma_max)
-    if sigma_min >= sigma_max:
-        raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} >= {sigma_max}")
-    num_steps = check_positive_int("num_steps", num_steps)
+    if sigmas is None:
+        sigma_min = check_positive_float("sigma_min", sigma_min)
+        sigma_max = check_positive_float("sigma_max", sigma_max)
+        if sigma_min >= sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} >= {sigma_max}")
+        num_steps = check_positive_int("num_steps", num_steps)
+        u = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_steps + 1,
+                           dtype=torch.float64).tolist()
+    else:
+        check_tensor("sigmas", sigmas, ndim=1)
+        if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) \
+                or float(sigmas[0]) <= 0:
+            raise ValueError("sigmas must be a positive, strictly increasing grid of >= 2 "
+                             "points")
+        u = sigmas.double().log().tolist()
+        sigma_max = float(sigmas[-1])
     check_positive_int("num_probes", num_probes)
     if method == "auto":
         method = "exact" if x.shape[1] <= 8 else "hutchinson"
@@ -96,8 +126,6 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
     N, dim = x.shape
     bs = N if batch_size is None else check_positive_int("batch_size", batch_size)
     out = []
-    u = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_steps + 1,
-                       dtype=torch.float64).tolist()
     for start in range(0, N, bs):
         xb = x[start:start + bs].detach()
         B = xb.shape[0]
@@ -107,26 +135,36 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
             probes = probes.sign()
             probes[probes == 0] = 1.0
 
-        def field(xx, uu):
+        def f(xx, uu):
             sig = torch.full((B,), math.exp(uu), dtype=x.dtype, device=x.device)
-            den, div = divergence(denoiser, xx, sig, method=method, probes=probes,
-                                  extra_args=extra_args, batched=batched)
+            if field is not None:
+                den, div = field(xx, sig)
+            else:
+                den, div = divergence(denoiser, xx, sig, method=method, probes=probes,
+                                      extra_args=extra_args, batched=batched)
             return xx - den, dim - div
 
         delta = torch.zeros(B, dtype=torch.float64, device=x.device)
-        for k in progress_bar(range(num_steps), desc="ODE likelihood", progress=progress):
+        for k in progress_bar(range(len(u) - 1), desc="ODE likelihood", progress=progress):
             h = u[k + 1] - u[k]
-            v1, g1 = field(xb, u[k])
+            v1, g1 = f(xb, u[k])
             if solver == "heun":
                 x_pred = xb + h * v1
-                v2, g2 = field(x_pred, u[k + 1])
+                v2, g2 = f(x_pred, u[k + 1])
                 xb = xb + 0.5 * h * (v1 + v2)
+                delta = delta + 0.5 * h * (g1 + g2).double()
+            elif solver == "exp-heun":           # v = x - D, so D = x - v
+                eh = math.exp(h)
+                d1 = xb - v1
+                x_pred = eh * xb - (eh - 1) * d1
+                v2, g2 = f(x_pred, u[k + 1])
+                xb = eh * xb - (eh - 1) * 0.5 * (d1 + x_pred - v2)
                 delta = delta + 0.5 * h * (g1 + g2).double()
             else:
                 um = 0.5 * (u[k] + u[k + 1])
-                v2, g2 = field(xb + 0.5 * h * v1, um)
-                v3, g3 = field(xb + 0.5 * h * v2, um)
-                v4, g4 = field(xb + h * v3, u[k + 1])
+                v2, g2 = f(xb + 0.5 * h * v1, um)
+                v3, g3 = f(xb + 0.5 * h * v2, um)
+                v4, g4 = f(xb + h * v3, u[k + 1])
                 xb = xb + (h / 6) * (v1 + 2 * v2 + 2 * v3 + v4)
                 delta = delta + (h / 6) * (g1 + 2 * g2 + 2 * g3 + g4).double()
         prior = (-0.5 * (xb.double() ** 2).sum(1) / sigma_max ** 2
@@ -164,3 +202,59 @@ def mixture_kl(p, q, *, num_points: int = 100_000, generator=None) -> tuple[floa
     check_positive_int("num_points", num_points)
     x = p.sample(num_points, generator=generator, dtype=torch.float64)
     return _mean_se(p.log_prob(x) - q.log_prob(x))
+
+
+def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
+                   sigma_max: float = 80.0, num_sigmas: int = 64, num_points: int = 2000,
+                   generator=None, dtype=torch.float32, batch_size: int | None = None,
+                   device=None) -> tuple[float, float]:
+    """The score-error integral with its standard error (book eq. kl_argument-score-integral).
+
+    ``I = 1/2 int g^2 E_{p_t}|grad log p_t - s|^2 dt = int_{sigma_min}^{sigma_max}
+    E_{p_sigma} |D_p(x; sigma) - D(x; sigma)|^2 / sigma^3 dsigma``
+    (EDM coordinates: ``g^2 dt = 2 sigma dsigma``, ``s = (D - x)/sigma^2``), where ``D_p`` is
+    ``reference`` (default: the data mixture's exact denoiser ``p.denoise``) and ``D`` is
+    ``denoiser`` (any denoiser; a guided one from :func:`dgref.discriminator_guidance`).
+
+    Quadrature in ``u = ln sigma`` (``I = int du E|D_p - D|^2 / sigma^2``, Simpson's rule on
+    ``num_sigmas`` uniform nodes, rounded up to odd) with Monte Carlo in ``x``: every one of
+    ``num_points`` pairs ``(x0 ~ p, n ~ N(0, I))`` is pushed through all levels
+    (``x = x0 + sigma n``), so each pair gives an independent estimate of ``I`` and the
+    standard error is theirs. ``dtype`` and ``device`` are those of the points (match the
+    denoiser's; the squared errors are summed in float64 on the CPU). When ``D`` is the exact denoiser of a model ``q``, ``I`` equals
+    ``KL(p_{sigma_min} || q_{sigma_min}) - KL(p_{sigma_max} || q_{sigma_max})``.
+    Returns ``(value, standard_error)``.
+    """
+    if not hasattr(p, "sample"):
+        raise TypeError(f"p must be a GaussianMixture, got {type(p).__name__}")
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
+    lo = check_positive_float("sigma_min", sigma_min)
+    hi = check_positive_float("sigma_max", sigma_max)
+    if lo >= hi:
+        raise ValueError(f"sigma_min must be < sigma_max, got {lo} >= {hi}")
+    num_sigmas = check_positive_int("num_sigmas", num_sigmas)
+    num_points = check_positive_int("num_points", num_points)
+    if num_sigmas < 3:
+        raise ValueError(f"num_sigmas must be >= 3, got {num_sigmas}")
+    if num_sigmas % 2 == 0:
+        num_sigmas += 1
+    reference = p.denoise if reference is None else reference
+    u = torch.linspace(math.log(lo), math.log(hi), num_sigmas, dtype=torch.float64)
+    h = float(u[1] - u[0])
+    simpson = torch.ones(num_sigmas, dtype=torch.float64)
+    simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
+    quad = (simpson * h / 3).tolist()
+    x0 = p.sample(num_points, generator=generator, dtype=dtype, device=device)
+    noise = randn(x0.shape, generator, dtype=dtype, device=x0.device)
+    bs = num_points if batch_size is None else check_positive_int("batch_size", batch_size)
+    total = torch.zeros(num_points, dtype=torch.float64)
+    for i, ui in enumerate(u.tolist()):
+        s = math.exp(ui)
+        for a in range(0, num_points, bs):
+            xb = x0[a:a + bs] + s * noise[a:a + bs]
+            sig = torch.full((xb.shape[0],), s, dtype=dtype, device=xb.device)
+            with torch.no_grad():
+                diff = reference(xb, sig) - denoiser(xb, sig)
+            total[a:a + bs] += quad[i] * diff.double().flatten(1).pow(2).sum(1).cpu() / s ** 2
+    return float(total.mean()), float(total.std(unbiased=True) / math.sqrt(num_points))

@@ -20,17 +20,18 @@ Wilson interval for precision and recall (given the reference manifold). :func:`
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import (NonFiniteError, check_positive_float, check_positive_int,
-                      check_tensor)
-from ._progress import progress_bar
+from ._checks import check_positive_float, check_positive_int, check_tensor
+from .rng import init_rng
+from .training import optimisation_loop
 
-__all__ = ["DigitClassifier", "train_classifier", "classifier_accuracy", "extract_features",
+__all__ = ["DigitClassifier", "classifier_training_loop", "train_classifier",
+           "classifier_accuracy", "extract_features",
            "gaussian_frechet_distance", "frechet_distance", "kernel_distance",
            "kernel_distance_bootstrap", "precision_recall", "class_histogram",
            "total_variation", "bootstrap_interval", "wilson_interval", "evaluate_samples"]
@@ -48,20 +49,21 @@ class DigitClassifier(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 64,
-                 num_classes: int = 10):
+                 num_classes: int = 10, *, generator=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("width", width),
                         ("feature_dim", feature_dim), ("num_classes", num_classes)):
             check_positive_int(name, v)
         self.feature_dim, self.num_classes = feature_dim, num_classes
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(8 * width, feature_dim), nn.SiLU())
-        self.head = nn.Linear(feature_dim, num_classes)
+        with init_rng(generator):
+            self.body = nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+                nn.AvgPool2d(2),
+                nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                nn.Linear(8 * width, feature_dim), nn.SiLU())
+            self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, ndim=4)
@@ -71,18 +73,20 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                     batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4,
-                     noise_std: float = 0.1, generator=None, progress: bool | None = None
-                     ) -> list[float]:
-    """Train a classifier with cross-entropy (AdamW, cosine decay); return the per-step losses.
+def classifier_training_loop(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                             steps: int, batch_size: int = 128, lr: float = 2e-3,
+                             weight_decay: float = 1e-4, noise_std: float = 0.1,
+                             generator=None, progress: bool | None = None,
+                             check_every: int | None = None) -> Iterator[dict]:
+    """Train a classifier with cross-entropy (AdamW, cosine decay); yields ``{"step", "loss"}``.
     (book chapter images)
 
+    A generator: nothing is trained until it is iterated (or use :func:`train_classifier`).
     Each batch gets Gaussian pixel noise of std ``noise_std`` (a mild augmentation that keeps
-    the features meaningful on slightly imperfect generated images). Losses are collected on
-    the device and read back once at the end (no host sync per step).
+    the features meaningful on slightly imperfect generated images). Runs on the shared loop
+    of :func:`dgref.training.optimisation_loop` (non-finite stop, batched read-back).
     """
-    check_tensor("x", x, ndim=4)
+    check_tensor("x", x, ndim=4, finite=True)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != x.shape[:1]:
         raise ValueError(f"y must be a long tensor of shape ({x.shape[0]},), got "
                          f"{getattr(y, 'dtype', type(y).__name__)} "
@@ -96,26 +100,28 @@ def train_classifier(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     x, y = x.to(device), y.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gdev = generator.device if generator is not None else torch.device("cpu")
-    losses = []
-    classifier.train()
-    for step in progress_bar(range(steps), desc="classifier", progress=progress):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    def step_loss(step):
         idx = torch.randint(x.shape[0], (bs,), generator=generator, device=gdev).to(device)
         xb = x[idx]
         if noise_std > 0:
             xb = xb + noise_std * torch.randn(xb.shape, generator=generator, device=gdev
                                               ).to(device)
-        loss = F.cross_entropy(classifier(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+        return F.cross_entropy(classifier(xb), y[idx])
+
+    classifier.train()
+    yield from optimisation_loop(step_loss, params, opt, steps=steps, lr=lr,
+                                 check_every=check_every, progress=progress, desc="classifier",
+                                 what="classifier loss")
     classifier.eval()
-    out = torch.stack(losses).cpu().tolist()
-    if not all(math.isfinite(v) for v in out):
-        raise NonFiniteError("non-finite classifier loss during training")
-    return out
+
+
+def train_classifier(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+                     **kwargs) -> list[float]:
+    """Run :func:`classifier_training_loop` to the end; return the per-step losses.
+    (book chapter images)"""
+    return [rec["loss"] for rec in classifier_training_loop(classifier, x, y, steps=steps,
+                                                             **kwargs)]
 
 
 @torch.no_grad()

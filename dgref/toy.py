@@ -13,7 +13,7 @@ import torch
 
 from ._checks import check_positive_int, check_sigma, check_tensor
 
-__all__ = ["GaussianMixture", "ring", "grid", "mixture_1d"]
+__all__ = ["GaussianMixture", "ring", "grid_world", "mixture_1d"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -188,9 +188,12 @@ def ring(num_modes: int = 8, radius: float = 2.0, std: float = 0.15, weights=Non
     return GaussianMixture(means, weights, std)
 
 
-def grid(side: int = 3, spacing: float = 2.0, std: float = 0.2, weights=None
-         ) -> GaussianMixture:
-    """A centred ``side x side`` square grid of Gaussians, ``spacing`` apart (book eq. mixture)."""
+def grid_world(side: int = 3, spacing: float = 2.0, std: float = 0.2, weights=None
+               ) -> GaussianMixture:
+    """A centred ``side x side`` square grid of Gaussians, ``spacing`` apart (book eq. mixture).
+
+    A 2-D world (not to be confused with :func:`dgref.gridflow.grid_flow`, a 1-D numerical
+    tool)."""
     check_positive_int("side", side)
     coords = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
     gx, gy = torch.meshgrid(coords, coords, indexing="ij")

@@ -1,13 +1,13 @@
-"""Tests for dgref.overfit (book chapter ce_failure): closed forms against direct computation."""
+"""Tests for dgref.constructions (book chapter ce_failure): closed forms against direct computation."""
 import math
 
 import pytest
 import torch
 
 import dgref
-from dgref.overfit import (bernoulli_kl_logits, empirical_mixture, excess_cross_entropy,
-                           ode_log_likelihood_sigmas, oscillation, oscillation_correction,
-                           oscillation_gradient_error, oscillation_score_error, sigma_grid)
+from dgref.constructions import (bernoulli_kl_logits, empirical_mixture, excess_cross_entropy,
+                                 oscillation, oscillation_correction, oscillation_gradient_error,
+                                 oscillation_score_error, sigma_grid)
 
 
 def _pair_1d():
@@ -105,7 +105,7 @@ def test_ode_loglik_on_grid_matches_closed_form(gen):
     x = q.sample(400, generator=gen, dtype=torch.float64)      # in the bulk of q
     grid = sigma_grid(0.002, 80.0, 128)
     for method, tol in (("exp-heun", 0.003), ("heun", 0.01)):
-        ll = ode_log_likelihood_sigmas(q, x, grid, method=method)
+        ll = dgref.ode_log_likelihood(q, x, sigmas=grid, solver=method)
         # the flow of q's exact denoiser started at N(0, 80^2) is q_{sigma_min} up to a prior
         # error of about x_T / 80^2 per point (zero mean): compare the mean (the KL's bias)
         err = (ll - q.log_prob(x, 0.002)).mean()
@@ -121,10 +121,10 @@ def test_sigma_grid_contains_dense_window():
 
 def test_bad_arguments_raise():
     p, q = _pair_1d()
-    with pytest.raises(ValueError, match="method"):
-        ode_log_likelihood_sigmas(q, torch.zeros(3, 1), sigma_grid(), method="rk4")
+    with pytest.raises(ValueError, match="solver"):
+        dgref.ode_log_likelihood(q, torch.zeros(3, 1), sigmas=sigma_grid(), solver="rk5")
     with pytest.raises(ValueError, match="sigmas"):
-        ode_log_likelihood_sigmas(q, torch.zeros(3, 1), torch.tensor([1.0, 0.5]))
+        dgref.ode_log_likelihood(q, torch.zeros(3, 1), sigmas=torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError, match="scale"):
         oscillation(0.1, 1.0, scale=0.0)
     with pytest.raises(ValueError, match="omega"):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import dgref
-from dgref import (CFGDenoiser, LabelledWorld, UniformIntervals, cfg_loss, cfg_training_loop,
-                   classifier_guidance, conditional_mlp_denoiser, edm_sampler, edm_sde_sampler,
-                   gaussian_pair, grid_density, grid_flow, grid_kl, guided_optimum_denoiser,
-                   labelled_ring, three_classes_1d, uniform_classes_1d)
+from dgref import (CFGDenoiser, LabelledWorld, cfg_loss, classifier_guidance,
+                   conditional_mlp_denoiser, edm_sampler, edm_sde_sampler, gaussian_pair)
+from dgref.cfg import cfg_training_loop, guided_optimum_denoiser
+from dgref.gridflow import grid_density, grid_flow, grid_kl
+from dgref.labelled import (UniformIntervals, labelled_ring, three_classes_1d,
+                            uniform_classes_1d)
 
 WORLDS = [gaussian_pair(2.0, 0.5, weights=[0.3, 0.7]), three_classes_1d(2.0, 0.6),
           labelled_ring(), uniform_classes_1d()]

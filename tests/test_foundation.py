@@ -319,9 +319,9 @@ def test_sampler_is_deterministic_and_batch_independent(gen):
     assert steps[0].t_cur == pytest.approx(80.0) and steps[-1].t_next == 0.0
     # with churn and a BatchGenerator, rows do not depend on the batch either
     c = dgref.edm_sampler(ring, lat, num_steps=12, S_churn=10.0,
-                          generator=dgref.BatchGenerator(range(50)))
+                          generator=dgref.rng.BatchGenerator(range(50)))
     d = dgref.edm_sampler(ring, lat[:7], num_steps=12, S_churn=10.0,
-                          generator=dgref.BatchGenerator(range(7)))
+                          generator=dgref.rng.BatchGenerator(range(7)))
     assert torch.allclose(c[:7], d, atol=1e-12) and not torch.allclose(a, c)
 
 
@@ -468,6 +468,6 @@ def test_mlp_trains_on_ring():
 
 
 def test_mlp_output_shapes():
-    assert dgref.MLP(2)(torch.zeros(5, 2), torch.zeros(5)).shape == (5, 2)
-    assert dgref.MLP(2, out_dim=1)(torch.zeros(5, 2), torch.zeros(5)).shape == (5,)
-    assert dgref.MLP(1)(torch.zeros(5, 1), torch.zeros(5)).shape == (5, 1)
+    assert dgref.nets.MLP(2)(torch.zeros(5, 2), torch.zeros(5)).shape == (5, 2)
+    assert dgref.nets.MLP(2, out_dim=1)(torch.zeros(5, 2), torch.zeros(5)).shape == (5,)
+    assert dgref.nets.MLP(1)(torch.zeros(5, 1), torch.zeros(5)).shape == (5, 1)

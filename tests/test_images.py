@@ -7,7 +7,7 @@ import torch
 import dgref
 from dgref.cache import (CacheConfigError, cache_path, cached, default_cache_dir, load_cached,
                          save_cached)
-from dgref.images import (ImageDiscriminator, UNet, generate_images, image_grid,
+from dgref.digits import (ImageDiscriminator, UNet, generate_images, image_grid,
                           load_digit_images, unet_denoiser)
 from dgref.metrics import (DigitClassifier, bootstrap_interval, class_histogram,
                            classifier_accuracy, evaluate_samples, frechet_distance,

@@ -32,7 +32,7 @@ def _sample(progress):
 def _train(progress):
     torch.manual_seed(0)
     net = dgref.mlp_denoiser(2, 1.0, hidden=8, depth=1)
-    losses = [r["loss"] for r in dgref.edm_training_loop(
+    losses = [r["loss"] for r in dgref.training.edm_training_loop(
         net, dgref.ring(num_modes=4), steps=3, batch_size=8, progress=progress,
         generator=torch.Generator().manual_seed(0))]
     assert len(losses) == 3

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dgref
-from dgref import (BatchGenerator, CheckpointError, NonFiniteError, edm_sampler,
-                   edm_training_loop, load_checkpoint, mlp_denoiser, save_checkpoint)
+from dgref import (CheckpointError, NonFiniteError, edm_sampler, load_checkpoint,
+                   mlp_denoiser, save_checkpoint)
+from dgref.rng import BatchGenerator
+from dgref.training import edm_training_loop
 
 HYP = settings(max_examples=25, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

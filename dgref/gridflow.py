@@ -1,15 +1,7 @@
-"""A reverse-SDE sampler in EDM form, and exact 1-D expectations by pushing a grid through the ODE.
+"""Exact 1-D expectations by pushing a grid through the deterministic sampler (the grid flow).
 
 Book chapters "Classifier-free guidance and the training discrepancy" and "What guidance
 provably does".
-
-Reverse SDE (book eq. guidance-theory-sde). With ``x_sigma = x0 + sigma n`` the forward process is
-``dx = sqrt(2 sigma) dW`` in the "time" sigma; its reverse, run from ``sigma_max`` down to 0, is
-
-    dx = -2 sigma grad log p_sigma(x) dsigma + sqrt(2 sigma) dW_bar,
-    grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2,
-
-which has the same marginals as the probability-flow ODE ``dx = -sigma grad log p dsigma``.
 
 Grid flow (book eq. guidance-theory-grid). In 1-D the deterministic sampler is a monotone map
 ``y = Phi(x)`` of its starting point. Pushing a fine grid ``x_i`` with quadrature weights
@@ -23,69 +15,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._checks import (NonFiniteError, check_finite_float, check_positive_float,
-                      check_positive_int, check_tensor)
-from ._progress import progress_bar
-from .edm import edm_sampler, edm_sigma_steps
-from .utils import randn
+from ._checks import check_finite_float, check_positive_float, check_positive_int
+from .edm import _sampler_levels, edm_sampler
 
-__all__ = ["edm_sde_sampler", "GridFlow", "grid_flow", "grid_density", "grid_kl", "grid_w1"]
-
-_METHODS = ("euler_maruyama", "ancestral")
-
-
-def _check_sigmas(sigmas, num_steps, sigma_min, sigma_max, rho):
-    if sigmas is None:
-        return [float(t) for t in edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)]
-    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    if s.ndim != 1 or s.numel() < 2 or float(s[-1]) != 0.0 or bool((s[1:] >= s[:-1]).any()) \
-            or float(s[-2]) <= 0:
-        raise ValueError("sigmas must be a strictly decreasing 1-D sequence of positive levels "
-                         "ending in 0")
-    return [float(t) for t in s]
-
-
-def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
-                    sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    sigmas=None, method: str = "euler_maruyama", generator=None,
-                    extra_args=(), progress: bool | None = None, check_finite: bool = True
-                    ) -> torch.Tensor:
-    """Sample the reverse SDE (book eq. guidance-theory-sde) with any denoiser ``D(x, sigma)``.
-
-    Steps run over the EDM levels ``t_0 > ... > t_{N-1} > t_N = 0`` (``sigmas`` overrides them);
-    ``x = t_0 * latents`` at the start. For each step ``t -> t' > 0``:
-
-    - ``"euler_maruyama"``: ``x += 2 (t - t')/t (D(x; t) - x) + sqrt(2 t (t - t')) z``;
-    - ``"ancestral"``: ``x = D + (t'/t)^2 (x - D) + t' sqrt(1 - (t'/t)^2) z`` (the exact
-      Gaussian bridge around the point ``D``, a stable discretisation of the same SDE).
-
-    The last step to ``t_N = 0`` returns ``D(x; t_{N-1})`` (no noise). ``generator`` draws all
-    the noise. Runs without autograd (a guidance that needs it enables it itself).
-    """
-    check_tensor("latents", latents, min_ndim=2)
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    t_steps = _check_sigmas(sigmas, num_steps, sigma_min, sigma_max, rho)
-    B, dtype, device = latents.shape[0], latents.dtype, latents.device
-    x = latents * t_steps[0]
-    with torch.no_grad():
-        for i in progress_bar(range(len(t_steps) - 1), desc="sde", progress=progress):
-            t, tn = t_steps[i], t_steps[i + 1]
-            D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *extra_args)
-            if tn == 0.0:
-                x = D
-                break
-            z = randn(x.shape, generator, dtype=dtype, device=device)
-            if method == "euler_maruyama":
-                x = x + 2 * (t - tn) / t * (D - x) + math.sqrt(2 * t * (t - tn)) * z
-            else:
-                r = (tn / t) ** 2
-                x = D + r * (x - D) + tn * math.sqrt(1 - r) * z
-    if check_finite and not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"the SDE sampler produced {int((~torch.isfinite(x)).sum())} "
-                             "non-finite values; check the denoiser and the guidance weight")
-    return x
-
+__all__ = ["GridFlow", "grid_flow", "grid_density", "grid_kl", "grid_w1"]
 
 class GridFlow(NamedTuple):
     """A 1-D grid pushed through the deterministic sampler (book eq. guidance-theory-grid).
@@ -150,7 +83,7 @@ def grid_flow(denoiser, start, *, num_points: int = 4001, width: float = 12.0,
         if not hasattr(start, attr):
             raise TypeError(f"start must have log_prob(x, sigma), mean() and std(); "
                             f"{type(start).__name__} has no {attr!r}")
-    t_steps = _check_sigmas(sigmas, num_steps, sigma_min, sigma_max, rho)
+    t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
     t0 = t_steps[0]
     m = float(torch.as_tensor(start.mean()).reshape(-1)[0])
     half = width * math.sqrt(start.std() ** 2 + t0 ** 2)

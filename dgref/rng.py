@@ -1,6 +1,7 @@
-"""Devices, seeds and noise: the small things every chapter needs."""
+"""Random numbers: seeded generators, per-sample generators, noise, and global seeding."""
 from __future__ import annotations
 
+import contextlib
 import numbers
 import random
 
@@ -8,43 +9,21 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int
+from ._util import resolve_device
 
-__all__ = ["resolve_device", "seed_everything", "BatchGenerator", "randn", "make_generator"]
-
-
-def resolve_device(device=None) -> torch.device:
-    """Turn ``None``/``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` into a ``torch.device``.
-
-    Resolves the ``device`` parameter of every book chapter (see the book's introduction).
-
-    ``None`` and ``"auto"`` pick CUDA when it is present, else the CPU. Asking for CUDA on a
-    machine without it raises a ``ValueError`` naming the argument.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str):
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-                             ) from exc
-    else:
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available here; "
-                         "use device='cpu' or 'auto'")
-    return dev
+__all__ = ["seed_everything", "BatchGenerator", "randn", "make_generator", "init_rng"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch's global generators (dgref itself uses explicit ones).
+    """Seed Python's, NumPy's and torch's *global* generators (book: every chapter's ``seed``).
 
     Applies the ``seed`` parameter of every book chapter (called by
-    :func:`dgref.book.setup_chapter`).
+    :func:`dgref.book.setup_chapter`). dgref's functions draw from the global torch generator
+    only where no ``generator=`` is passed: data, noise and sampler randomness take an explicit
+    ``generator=``, and so does network initialisation (``MLP(..., generator=g)``); with
+    ``generator=None`` a network is initialised from the global generator, as torch's own
+    layers are. Explicit generators alone reproduce a run; this function makes the rest
+    (e.g. a network built without ``generator=``) reproducible too.
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
@@ -62,6 +41,27 @@ def make_generator(seed: int, device=None) -> torch.Generator:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return torch.Generator(device=resolve_device(device) if device is not None else "cpu"
                            ).manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def init_rng(generator=None):
+    """Context for building a network's initial weights from ``generator`` (book: API page).
+
+    With ``generator=None`` nothing changes: layers draw from torch's global generator, as
+    usual. With a ``torch.Generator``, one seed is drawn from it and the layers are built under
+    a forked global CPU generator seeded with it, so the weights depend on ``generator`` alone
+    and the global generator is left as it was.
+    """
+    if generator is None:
+        yield
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class BatchGenerator:

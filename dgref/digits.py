@@ -21,9 +21,10 @@ from torch import nn
 
 from ._checks import (check_finite_float, check_positive_float, check_positive_int,
                       check_sigma, check_tensor)
+from ._util import resolve_device
 from .edm import EDMPrecond, edm_sampler
 from .nets import FourierEmbedding
-from .utils import randn, resolve_device
+from .rng import init_rng, randn
 
 __all__ = ["DigitImages", "load_digit_images", "UNet", "unet_denoiser", "ImageDiscriminator",
            "generate_images", "image_grid"]
@@ -152,8 +153,12 @@ class UNet(nn.Module):
     """
 
     def __init__(self, image_size: int = 8, in_channels: int = 1, channels=None,
-                 emb_dim: int | None = None):
+                 emb_dim: int | None = None, *, generator=None):
         super().__init__()
+        with init_rng(generator):
+            self._build(image_size, in_channels, channels, emb_dim)
+
+    def _build(self, image_size, in_channels, channels, emb_dim):
         size = check_positive_int("image_size", image_size)
         check_positive_int("in_channels", in_channels)
         if channels is None:
@@ -205,10 +210,11 @@ class UNet(nn.Module):
 
 
 def unet_denoiser(image_size: int = 8, *, channels=None, sigma_data: float = 0.5,
-                  in_channels: int = 1) -> EDMPrecond:
+                  in_channels: int = 1, generator=None) -> EDMPrecond:
     """An EDM-preconditioned U-Net denoiser ``D(x, sigma)`` for ``(B, C, H, W)`` images.
-    (book chapter images)"""
-    return EDMPrecond(UNet(image_size, in_channels, channels), sigma_data)
+    (book chapter images) ``generator`` draws the initial weights (default: torch's global
+    generator)."""
+    return EDMPrecond(UNet(image_size, in_channels, channels, generator=generator), sigma_data)
 
 
 class ImageDiscriminator(nn.Module):
@@ -221,8 +227,12 @@ class ImageDiscriminator(nn.Module):
     """
 
     def __init__(self, image_size: int = 8, in_channels: int = 1, channels=None,
-                 sigma_data: float = 0.5, emb_dim: int | None = None):
+                 sigma_data: float = 0.5, emb_dim: int | None = None, *, generator=None):
         super().__init__()
+        with init_rng(generator):
+            self._build(image_size, in_channels, channels, sigma_data, emb_dim)
+
+    def _build(self, image_size, in_channels, channels, sigma_data, emb_dim):
         size = check_positive_int("image_size", image_size)
         if channels is None:
             channels = (32, 64) if size <= 8 else (32, 64, 64)

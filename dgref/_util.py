@@ -1,0 +1,40 @@
+"""Two small tensor helpers every layer shares: device resolution and per-row broadcasting."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["resolve_device", "bcast"]
+
+
+def resolve_device(device=None) -> torch.device:
+    """Turn ``None``/``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` into a ``torch.device``.
+
+    Resolves the ``device`` parameter of every book chapter (see the book's introduction) and
+    every ``device=`` argument of the package.
+
+    ``None`` and ``"auto"`` pick CUDA when it is present, else the CPU. Asking for CUDA on a
+    machine without it raises a ``ValueError`` naming the argument.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+                             ) from exc
+    else:
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was requested but CUDA is not available here; "
+                         "use device='cpu' or 'auto'")
+    return dev
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-row ``(B,)`` tensor to ``(B, 1, ..., 1)`` so it broadcasts against ``x``."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
