@@ -2,12 +2,20 @@
 
 Each check raises ``TypeError`` or ``ValueError`` whose message names the argument, what was
 given and what was expected, so a wrong call fails at its first line, not deep inside torch.
+
+Checks run at public entry points. Value checks of tensors (finite entries, sigma > 0, labels
+in range) read numbers back to the host: on a GPU that is a synchronisation, so they run only
+for CPU tensors unless ``DGREF_DEVICE_CHECKS=1``. Inside :func:`checked_scope` (entered by a
+sampler whose levels were validated once, or by a wrapper that has checked ``sigma`` itself)
+nested calls skip the value check of ``sigma`` and labels: one check per evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
+import threading
 
 import torch
 
@@ -19,9 +27,11 @@ __all__ = [
     "check_positive_float",
     "check_finite_float",
     "check_sigma",
-    "check_same_device_dtype",
     "check_window",
     "check_labels",
+    "check_callable",
+    "check_output_shape",
+    "checked_scope",
 ]
 
 
@@ -53,10 +63,29 @@ def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | N
             f"{name} must have last dimension {last_dim}, got shape {tuple(value.shape)}")
     if nonempty and value.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
-    if finite and not bool(torch.isfinite(value).all()):
+    if finite and _values_checked(value) and not _in_scope() \
+            and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(value)).sum())} "
-                         "non-finite entries")
+                         "non-finite entries (NaN or inf)")
     return value
+
+
+def check_callable(name: str, value, signature: str = "D(x, sigma)"):
+    """``value`` must be callable (a denoiser, a discriminator, a correction...)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable {signature}, got {_describe(value)}")
+    return value
+
+
+def check_output_shape(name: str, out, expected: tuple, what: str = "x") -> torch.Tensor:
+    """What a user callable returned must be a tensor of ``expected`` shape (no silent
+    broadcasting); a shape comparison, no device read-back."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected {what}'s shape "
+                         f"{tuple(expected)}")
+    return out
 
 
 def check_positive_int(name: str, value) -> int:
@@ -100,6 +129,27 @@ def check_positive_float(name: str, value, *, allow_zero: bool = False,
 # Value checks of GPU tensors read numbers back to the host: a synchronisation per call that
 # stalls the GPU in sampling and training loops. Off unless DGREF_DEVICE_CHECKS=1.
 DEVICE_VALUE_CHECKS = {"enabled": os.environ.get("DGREF_DEVICE_CHECKS", "0") == "1"}
+# How many value checks of sigma ran (tests count them per guided evaluation).
+SIGMA_VALUE_CHECKS = {"count": 0}
+_SCOPE = threading.local()
+
+
+def _values_checked(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or DEVICE_VALUE_CHECKS["enabled"]
+
+
+def _in_scope() -> bool:
+    return getattr(_SCOPE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def checked_scope():
+    """Nested calls inside skip the value checks of ``sigma`` and labels (already checked)."""
+    _SCOPE.depth = getattr(_SCOPE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SCOPE.depth -= 1
 
 
 def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool = False,
@@ -136,10 +186,11 @@ def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool 
         elif sigma.shape[0] != batch:
             raise ValueError(f"{name} must have shape ({batch},) to match x, got shape "
                              f"{tuple(sigma.shape)}")
-    if sigma.device.type != "cpu" and not DEVICE_VALUE_CHECKS["enabled"]:
-        return sigma                      # reading values back from a GPU would stall it
+    if not _values_checked(sigma) or _in_scope():
+        return sigma                      # a GPU read-back would stall it; or checked already
     if sigma.numel() == 0:
         return sigma
+    SIGMA_VALUE_CHECKS["count"] += 1
     # One reduction and two reads (a NaN makes both NaN, failing the comparisons): several
     # times cheaper than building the mask, and this check runs at every denoiser call.
     lo, hi = torch.aminmax(sigma.detach())
@@ -152,15 +203,6 @@ def check_sigma(name: str, sigma, batch: int | None = None, *, allow_zero: bool 
         raise ValueError(f"{name} must be finite and {expected}; got {int(bad.sum())} bad "
                          f"value(s), e.g. {float(sigma[bad].flatten()[0])}")
     return sigma
-
-
-def check_same_device_dtype(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; "
-                         "move them to the same device")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has dtype {b.dtype}; "
-                        "expected the same dtype")
 
 
 def check_window(name: str, window) -> tuple[float, float]:
@@ -177,14 +219,21 @@ def check_window(name: str, window) -> tuple[float, float]:
 
 
 def check_labels(name: str, labels, batch: int, num_classes: int, *, allow_null: bool = True,
-                 device=None) -> torch.Tensor:
+                 device=None, force: bool = False) -> torch.Tensor:
     """Class labels as a long tensor of shape ``(batch,)`` with entries in ``0..num_classes-1``
-    (or ``num_classes``, the null label, when ``allow_null``). An int is broadcast."""
+    (or ``num_classes``, the null label, when ``allow_null``). An int is broadcast.
+
+    The range of a tensor's entries is checked on the CPU (on a GPU only with
+    ``DGREF_DEVICE_CHECKS=1`` or ``force=True``: a read-back), and not inside
+    :func:`checked_scope`."""
     top = num_classes if allow_null else num_classes - 1
+    rule = "the last is the null label" if allow_null else "no null label here"
     if isinstance(labels, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(labels)}")
     if isinstance(labels, numbers.Integral):
-        labels = torch.full((batch,), int(labels), dtype=torch.long, device=device)
+        if not 0 <= int(labels) <= top:
+            raise ValueError(f"{name} must be in 0..{top} ({rule}), got {int(labels)}")
+        return torch.full((batch,), int(labels), dtype=torch.long, device=device)
     elif isinstance(labels, torch.Tensor):
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
@@ -195,8 +244,9 @@ def check_labels(name: str, labels, batch: int, num_classes: int, *, allow_null:
         labels = labels.long() if device is None else labels.to(device=device, dtype=torch.long)
     else:
         raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(labels)}")
-    if labels.numel() and (bool((labels < 0).any()) or bool((labels > top).any())):
+    if not labels.numel() or not (force or (_values_checked(labels) and not _in_scope())):
+        return labels                     # a GPU read-back per call would stall it
+    if bool((labels < 0).any()) or bool((labels > top).any()):
         bad = labels[(labels < 0) | (labels > top)]
-        raise ValueError(f"{name} must be in 0..{top} ({'the last is the null label' if allow_null else 'no null label here'}), "
-                         f"got e.g. {int(bad[0])}")
+        raise ValueError(f"{name} must be in 0..{top} ({rule}), got e.g. {int(bad[0])}")
     return labels

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device", "bcast"]
+__all__ = ["resolve_device", "optional_device", "bcast"]
 
 
 def resolve_device(device=None) -> torch.device:
@@ -33,6 +33,14 @@ def resolve_device(device=None) -> torch.device:
         raise ValueError(f"device={device!r} was requested but CUDA is not available here; "
                          "use device='cpu' or 'auto'")
     return dev
+
+
+def optional_device(device):
+    """``None`` stays ``None`` (follow the generator or the input); anything else goes through
+    :func:`resolve_device`, so ``device="cuda"`` without CUDA fails with a clear error."""
+    if device is None or (isinstance(device, torch.device) and device.type == "cpu"):
+        return device
+    return resolve_device(device)
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ._checks import (check_finite_float, check_labels, check_positive_float,
-                      check_positive_int, check_sigma, check_tensor)
+from ._checks import (check_callable, check_finite_float, check_labels, check_output_shape,
+                      check_positive_float, check_positive_int, check_sigma, check_tensor,
+                      checked_scope)
 from ._util import bcast
 from .edm import edm_loss_weight, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
@@ -56,12 +57,13 @@ class CFGDenoiser:
     """
 
     def __init__(self, denoiser, labels, weight: float = 0.0, null_label: int | None = None):
-        self.denoiser = denoiser
+        self.denoiser = check_callable("denoiser", denoiser, "D(x, sigma, labels)")
         self.weight = check_finite_float("weight", weight)
         self.null_label = _null_of(denoiser, null_label)
+        # The labels' values are checked here, once (on any device), not at every call.
         if isinstance(labels, torch.Tensor):
             check_labels("labels", labels, labels.reshape(-1).shape[0], self.null_label,
-                         allow_null=False)
+                         allow_null=False, force=True)
         else:
             check_labels("labels", labels, 1, self.null_label, allow_null=False)
         self.labels = labels
@@ -69,12 +71,14 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
         check_tensor("x", x, min_ndim=2)
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-        lab = check_labels("labels", self.labels, x.shape[0], self.null_label,
-                           allow_null=False, device=x.device)
-        cond = self.denoiser(x, sigma, lab)
-        if self.weight == 0.0:
-            return cond
-        uncond = self.denoiser(x, sigma, torch.full_like(lab, self.null_label))
+        with checked_scope():             # labels were checked at construction
+            lab = check_labels("labels", self.labels, x.shape[0], self.null_label,
+                               allow_null=False, device=x.device)
+            cond = self.denoiser(x, sigma, lab)
+            check_output_shape("denoiser", cond, x.shape)
+            if self.weight == 0.0:
+                return cond
+            uncond = self.denoiser(x, sigma, torch.full_like(lab, self.null_label))
         return (1 + self.weight) * cond - self.weight * uncond
 
 
@@ -91,8 +95,8 @@ def classifier_guidance(denoiser, log_classifier, labels, weight: float = 1.0, w
             :class:`CFGDenoiser` at the same ``w`` (Bayes' rule).
     """
     check_finite_float("weight", weight)
-    if not callable(log_classifier):
-        raise TypeError(f"log_classifier must be callable, got {type(log_classifier).__name__}")
+    check_callable("log_classifier", log_classifier, "(x, sigma) -> (B, C)")
+    checked = []                          # labels' range: checked at the first call only
 
     def correction(x, sigma):
         with torch.enable_grad():
@@ -101,7 +105,9 @@ def classifier_guidance(denoiser, log_classifier, labels, weight: float = 1.0, w
             if logp.ndim != 2 or logp.shape[0] != x.shape[0]:
                 raise ValueError(f"log_classifier must return (B, C), got {tuple(logp.shape)}")
             lab = check_labels("labels", labels, x.shape[0], logp.shape[1], allow_null=False,
-                               device=x.device)
+                               device=x.device, force=not checked)
+            if not checked:
+                checked.append(True)
             sel = logp.gather(1, lab[:, None]).sum()
             (g,) = torch.autograd.grad(sel, xg)
         return g
@@ -155,6 +161,7 @@ def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "s
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    check_callable("denoiser", denoiser, "D(x, sigma, labels)")
     check_tensor("x0", x0, min_ndim=2)
     w = check_finite_float("w_train", w_train)
     p = check_positive_float("p_uncond", p_uncond, allow_zero=True)
@@ -176,12 +183,14 @@ def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "s
     lab_in = torch.where(drop, torch.full_like(lab, null), lab)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + bcast(sigma, x0) * n
-    if loss == "standard":
-        pred = denoiser(x, sigma, lab_in)
-    else:
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                        torch.cat([lab_in, torch.full_like(lab, null)]))
-        pred = (1 + w) * both[:B] - w * both[B:]
+    with checked_scope():
+        if loss == "standard":
+            pred = denoiser(x, sigma, lab_in)
+        else:
+            both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                            torch.cat([lab_in, torch.full_like(lab, null)]))
+            pred = (1 + w) * both[:B] - w * both[B:]
+    check_output_shape("denoiser", pred, x0.shape, "x0")
     weight = edm_loss_weight(sigma, sigma_data)
     per = weight * ((pred - x0) ** 2).flatten(1).sum(1)
     return per.mean() if reduction == "mean" else per
@@ -209,7 +218,7 @@ def cfg_training_loop(denoiser: nn.Module, data, labels=None, *, steps: int,
     if sigma_data is None:
         sigma_data = getattr(denoiser, "sigma_data", 0.5)
     if isinstance(data, torch.Tensor):
-        check_tensor("data", data, ndim=2)
+        check_tensor("data", data, ndim=2, finite=True)
         if labels is None:
             raise ValueError("labels must be given (shape (N,)) when data is a tensor")
         labels = check_labels("labels", labels, data.shape[0], null, allow_null=False)

@@ -252,6 +252,11 @@ class ImageDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         check_tensor("x", x, ndim=4)
+        param = self.stem.weight
+        if x.dtype != param.dtype or x.device != param.device:
+            raise ValueError(f"x is {x.dtype} on {x.device} but the discriminator's parameters "
+                             f"are {param.dtype} on {param.device}; pass x.to(...) or move the "
+                             "discriminator")
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
         c_in = (sigma ** 2 + self.sigma_data ** 2).rsqrt()
         emb = self.embed(sigma.log() / 4)                          # (B, emb_dim)

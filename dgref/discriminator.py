@@ -21,10 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._checks import (check_positive_float,
-                      check_positive_int, check_sigma, check_tensor, check_window)
+from ._checks import (check_callable, check_output_shape, check_positive_float,
+                      check_positive_int, check_sigma, check_tensor, check_window,
+                      checked_scope)
 from ._util import bcast as _bcast
-from .edm import edm_loss_weight, edm_precond_coeffs, edm_sample_sigmas
+from ._util import optional_device
+from .edm import _precond_coeffs, edm_loss_weight, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
 from .nets import MLP, silu_mlp
 from .rng import init_rng, randn
@@ -74,8 +76,13 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         check_tensor("x", x, ndim=2, last_dim=self.dim)
+        param = next(self.net.parameters())
+        if x.dtype != param.dtype or x.device != param.device:
+            raise ValueError(f"x is {x.dtype} on {x.device} but the discriminator's parameters "
+                             f"are {param.dtype} on {param.device}; pass x.to(...) or move the "
+                             "discriminator (e.g. disc.double() for float64 data)")
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-        _, _, c_in, c_noise = edm_precond_coeffs(sigma, self.sigma_data)
+        _, _, c_in, c_noise = _precond_coeffs(sigma, self.sigma_data)
         if self.num_freqs > 0:
             out = self.net(c_in[:, None] * x, c_noise)
         else:
@@ -92,9 +99,10 @@ def logit_and_grad(disc, x: torch.Tensor, sigma, create_graph: bool = False):
     :func:`kl_loss`) and for the divergence of a guided denoiser (ODE likelihood); if ``x``
     itself requires grad, the graph reaches back to ``x``.
     """
+    check_callable("disc", disc, "disc(x, sigma) -> (B,)")
     check_tensor("x", x, min_ndim=2)
     sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-    with torch.enable_grad():
+    with torch.enable_grad(), checked_scope():
         if create_graph and x.requires_grad:
             x_in = x
         else:
@@ -128,6 +136,7 @@ def sample_training_sigmas(batch: int, *, sigma_dist: str = "lognormal", P_mean:
     """
     _check_dist(sigma_dist)
     check_positive_int("batch", batch)
+    device = optional_device(device)
     if sigma_dist == "lognormal":
         sigma = edm_sample_sigmas(batch, P_mean=P_mean, P_std=P_std, generator=generator,
                                   device=device, dtype=dtype)
@@ -201,8 +210,10 @@ def ce_loss(disc, x_real: torch.Tensor, x_fake: torch.Tensor, *, generator=None,
     s = _bcast(sigma, x_real)
     n_real = randn(x_real.shape, generator, dtype=x_real.dtype, device=x_real.device)
     n_fake = randn(x_fake.shape, generator, dtype=x_fake.dtype, device=x_fake.device)
-    d_real = disc(x_real + s * n_real, sigma)                       # (B,)
-    d_fake = disc(x_fake + s * n_fake, sigma)                       # (B,)
+    with checked_scope():
+        d_real = disc(x_real + s * n_real, sigma)                   # (B,)
+        d_fake = disc(x_fake + s * n_fake, sigma)                   # (B,)
+    check_output_shape("disc", d_real, (B,), "a logit per row, (B,)")
     per = F.softplus(-d_real) + F.softplus(d_fake)                  # (B,)
     return per.mean() if reduction == "mean" else per
 
@@ -294,8 +305,9 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
         lam = edm_loss_weight(sigma, sd)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + _bcast(sigma, x0) * n
-    with torch.no_grad():                                           # the frozen model
+    with torch.no_grad(), checked_scope():                          # the frozen model
         den = denoiser(x, sigma)
+    check_output_shape("denoiser", den, x0.shape, "x0")
     _, g = logit_and_grad(disc, x, sigma, create_graph=True)
     err = den + _bcast(sigma ** 2, x0) * g - x0
     per = lam * err.flatten(1).pow(2).sum(1)                        # (B,)
@@ -334,11 +346,8 @@ def discriminator_guidance(denoiser, disc, weight: float = 1.0, window=None
     (a :class:`Discriminator`, or :func:`oracle_logit`). For the official DG code's default
     (guidance on the Euler slope only) see :func:`dg_sampler_kwargs`.
     """
-    if not callable(denoiser):
-        raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
-    if not callable(disc):
-        raise TypeError(f"disc must be callable disc(x, sigma) -> (B,), got "
-                        f"{type(disc).__name__}")
+    check_callable("denoiser", denoiser)
+    check_callable("disc", disc, "disc(x, sigma) -> (B,)")
     window = check_window("window", window)
     return ScoreCorrectedDenoiser(denoiser, discriminator_correction(disc), weight, window)
 

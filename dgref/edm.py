@@ -18,10 +18,12 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import (NonFiniteError, check_finite_float, check_positive_float,
-                      check_positive_int, check_sigma, check_tensor)
+from ._checks import (NonFiniteError, check_callable, check_finite_float, check_output_shape,
+                      check_positive_float, check_positive_int, check_sigma, check_tensor,
+                      checked_scope)
 from ._progress import progress_bar
 from ._util import bcast as _bcast
+from ._util import optional_device
 from .nets import MLP, ConditionalMLP
 from .rng import randn
 
@@ -74,10 +76,9 @@ class EDMPrecond(nn.Module):
                              "device (use .to())")
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
         c_skip, c_out, c_in, c_noise = _precond_coeffs(sigma, self.sigma_data)
-        f = self.net(_bcast(c_in, x) * x, c_noise, *args)
-        if f.shape != x.shape:
-            raise ValueError(f"the network returned shape {tuple(f.shape)}, expected x's shape "
-                             f"{tuple(x.shape)}")
+        with checked_scope():
+            f = self.net(_bcast(c_in, x) * x, c_noise, *args)
+        check_output_shape("the network", f, x.shape)
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * f
 
 
@@ -113,6 +114,7 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
     averaged over the batch (``reduction="none"`` returns the per-example ``(B,)`` values).
     Pass ``sigma`` to fix the noise levels instead of sampling them.
     """
+    check_callable("denoiser", denoiser)
     check_tensor("x0", x0, min_ndim=2)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -125,7 +127,9 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + _bcast(sigma, x0) * n
     weight = edm_loss_weight(sigma, sigma_data)
-    err = (denoiser(x, sigma, *extra_args) - x0) ** 2
+    with checked_scope():
+        out = denoiser(x, sigma, *extra_args)
+    err = (check_output_shape("denoiser", out, x0.shape, "x0") - x0) ** 2
     per_example = weight * err.flatten(1).sum(1)
     return per_example.mean() if reduction == "mean" else per_example
 
@@ -149,7 +153,7 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     t = (hi + frac * (lo - hi)) ** rho
     t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-    return t.to(device=device, dtype=dtype)
+    return t.to(device=optional_device(device), dtype=dtype)
 
 
 def _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho) -> list[float]:
@@ -159,6 +163,9 @@ def _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho) -> list[float]
     if sigmas is None:
         return [float(t) for t in edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)]
     s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.ndim == 1 and not bool(torch.isfinite(s).all()):
+        raise ValueError(f"sigmas must be finite, got {int((~torch.isfinite(s)).sum())} "
+                         "non-finite level(s) (NaN or inf)")
     if s.ndim != 1 or s.numel() < 2 or float(s[-1]) != 0.0 or bool((s[1:] >= s[:-1]).any()) \
             or float(s[-2]) <= 0:
         raise ValueError("sigmas must be a strictly decreasing 1-D sequence of positive levels "
@@ -192,6 +199,9 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
     slope: passing the unguided model there applies a guidance at the Euler slope only.
     ``sigmas`` overrides the rho-schedule (a decreasing sequence ending in 0).
     """
+    check_callable("denoiser", denoiser)
+    if heun_denoiser is not None:
+        check_callable("heun_denoiser", heun_denoiser)
     check_tensor("latents", latents, min_ndim=2)
     for name, val in (("S_churn", S_churn), ("S_min", S_min), ("S_noise", S_noise)):
         check_positive_float(name, val, allow_zero=True)
@@ -217,13 +227,20 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
             x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
         else:
             x_hat = x_cur
-        # Euler step.
-        denoised = denoiser(x_hat, level(t_hat), *extra_args)
+        # Euler step. The levels were checked once above: the denoiser's own sigma checks
+        # are skipped (checked_scope), and its output shape is checked (no broadcasting).
+        with checked_scope():
+            denoised = denoiser(x_hat, level(t_hat), *extra_args)
+        check_output_shape("denoiser", denoised, x_hat.shape, "x")
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # Heun correction (second order), skipped on the last step to sigma = 0.
         if t_next > 0:
-            d_prime = (x_next - heun(x_next, level(t_next), *extra_args)) / t_next
+            with checked_scope():
+                den2 = heun(x_next, level(t_next), *extra_args)
+            check_output_shape("heun_denoiser" if heun_denoiser is not None else "denoiser",
+                               den2, x_next.shape, "x")
+            d_prime = (x_next - den2) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         yield SamplerStep(i, t_cur, t_hat, t_next, x_hat, denoised, x_next)
 
@@ -280,6 +297,7 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
     The last step to ``t_N = 0`` returns ``D(x; t_{N-1})`` (no noise). ``generator`` draws all
     the noise. Runs without autograd (a guidance that needs it enables it itself).
     """
+    check_callable("denoiser", denoiser)
     check_tensor("latents", latents, min_ndim=2)
     if method not in _SDE_METHODS:
         raise ValueError(f"method must be one of {_SDE_METHODS}, got {method!r}")
@@ -289,7 +307,9 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
     with torch.no_grad():
         for i in progress_bar(range(len(t_steps) - 1), desc="sde", progress=progress):
             t, tn = t_steps[i], t_steps[i + 1]
-            D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *extra_args)
+            with checked_scope():
+                D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *extra_args)
+            check_output_shape("denoiser", D, x.shape, "x")
             if tn == 0.0:
                 x = D
                 break

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ._checks import check_finite_float, check_sigma, check_tensor, check_window
+from ._checks import (check_callable, check_finite_float, check_output_shape, check_sigma,
+                      check_tensor, check_window, checked_scope)
 from ._util import bcast
 
 __all__ = ["ScoreCorrectedDenoiser", "oracle_correction"]
@@ -32,15 +33,17 @@ class ScoreCorrectedDenoiser:
     """
 
     def __init__(self, denoiser, correction, weight: float = 1.0, window=None):
-        self.denoiser = denoiser
-        self.correction = correction
+        self.denoiser = check_callable("denoiser", denoiser)
+        self.correction = check_callable("correction", correction, "c(x, sigma)")
         self.weight = check_finite_float("weight", weight)
         self.window = check_window("window", window)
 
-    def __call__(self, x: torch.Tensor, sigma, *args) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, *args, **kwargs) -> torch.Tensor:
         check_tensor("x", x, min_ndim=2)
-        sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-        out = self.denoiser(x, sigma, *args)
+        sigma = check_sigma("sigma", sigma, x.shape[0], like=x)   # the one check of sigma
+        with checked_scope():
+            out = self.denoiser(x, sigma, *args, **kwargs)
+        check_output_shape("denoiser", out, x.shape)
         if self.weight == 0.0:
             return out
         lo, hi = self.window
@@ -51,7 +54,9 @@ class ScoreCorrectedDenoiser:
             if not bool(on.any()):        # whole batch outside the window: no correction call
                 return out
             mask = on.to(x.dtype)
-        c = self.correction(x, sigma)
+        with checked_scope():
+            c = self.correction(x, sigma)
+        check_output_shape("correction", c, x.shape)
         scale = self.weight * sigma ** 2 if mask is None else self.weight * sigma ** 2 * mask
         return out + bcast(scale, x) * c
 

@@ -27,6 +27,7 @@ import torch
 
 from ._checks import (check_finite_float, check_labels, check_positive_float,
                       check_positive_int, check_sigma, check_tensor)
+from ._util import optional_device
 from .toy import GaussianMixture
 
 __all__ = ["UniformIntervals", "LabelledWorld", "gaussian_pair", "three_classes_1d",
@@ -101,7 +102,7 @@ class UniformIntervals:
         return f"UniformIntervals(K={self.num_components})"
 
     def _check(self, x, sigma):
-        check_tensor("x", x, ndim=2, last_dim=1)
+        check_tensor("x", x, ndim=2, last_dim=1, finite=True)
         return check_sigma("sigma", sigma, x.shape[0], allow_zero=True, like=x)
 
     def component_terms(self, x: torch.Tensor, sigma):
@@ -151,6 +152,7 @@ class UniformIntervals:
         """``num_samples`` points of ``p_sigma``, ``(N, 1)``; optionally their components."""
         n = check_positive_int("num_samples", num_samples)
         sig = check_positive_float("sigma", float(sigma), allow_zero=True)
+        device = optional_device(device)
         gdev = generator.device if generator is not None else torch.device(device or "cpu")
         k = torch.multinomial(self.weights.to(gdev), n, replacement=True, generator=generator)
         u = torch.rand((n, 1), generator=generator, device=gdev, dtype=torch.float64)
@@ -168,7 +170,7 @@ class UniformIntervals:
 
 def _gaussian_terms(mix: GaussianMixture, x: torch.Tensor, sigma):
     """``log(pi_k N_k(x; sigma))`` ``(B, K)`` and ``E[x0 | x, k]`` ``(B, K, dim)``."""
-    check_tensor("x", x, ndim=2, last_dim=mix.dim)
+    check_tensor("x", x, ndim=2, last_dim=mix.dim, finite=True)
     sigma = check_sigma("sigma", sigma, x.shape[0], allow_zero=True, like=x)
     mu = mix.means.to(x.device, x.dtype)
     var = mix.variances.to(x.device, x.dtype)

@@ -16,8 +16,10 @@ import math
 
 import torch
 
-from ._checks import check_positive_float, check_positive_int, check_tensor
+from ._checks import (check_callable, check_output_shape, check_positive_float,
+                      check_positive_int, check_tensor, checked_scope)
 from ._progress import progress_bar
+from ._util import optional_device
 from .rng import randn
 
 __all__ = ["divergence", "ode_log_likelihood", "kl_divergence", "mixture_kl", "score_error_kl"]
@@ -39,7 +41,9 @@ def divergence(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, method: str = 
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        out = denoiser(x, sigma, *extra_args)
+        with checked_scope():
+            out = denoiser(x, sigma, *extra_args)
+        check_output_shape("denoiser", out, x.shape)
         if method == "exact" and batched:
             dim = x.shape[1]
             eye = torch.eye(dim, dtype=x.dtype, device=x.device)
@@ -101,7 +105,11 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
-    check_tensor("x", x, ndim=2)
+    if field is None:
+        check_callable("denoiser", denoiser)
+    else:
+        check_callable("field", field, "field(x, sigma) -> (D, div D)")
+    check_tensor("x", x, ndim=2, finite=True)
     if sigmas is None:
         sigma_min = check_positive_float("sigma_min", sigma_min)
         sigma_max = check_positive_float("sigma_max", sigma_max)
@@ -111,7 +119,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, sigma_min: float = 0.002,
         u = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_steps + 1,
                            dtype=torch.float64).tolist()
     else:
-        check_tensor("sigmas", sigmas, ndim=1)
+        check_tensor("sigmas", sigmas, ndim=1, finite=True)
         if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) \
                 or float(sigmas[0]) <= 0:
             raise ValueError("sigmas must be a positive, strictly increasing grid of >= 2 "
@@ -186,9 +194,15 @@ def kl_divergence(data, denoiser, *, num_points: int = 2000, generator=None, x=N
     the density of ``denoiser``'s deterministic sampler. Returns ``(kl, standard_error)`` from
     ``num_points`` samples of the data (or the given ``x``).
     """
+    if not hasattr(data, "log_prob") or not hasattr(data, "sample"):
+        raise TypeError(f"data must be a GaussianMixture (log_prob and sample), got "
+                        f"{type(data).__name__}")
     if x is None:
         check_positive_int("num_points", num_points)
-        x = data.sample(num_points, generator=generator, device=device, dtype=dtype)
+        x = data.sample(num_points, generator=generator, device=optional_device(device),
+                        dtype=dtype)
+    else:
+        check_tensor("x", x, ndim=2, last_dim=data.dim, finite=True)
     log_p = data.log_prob(x.double()).to(x.dtype)
     log_q = ode_log_likelihood(denoiser, x, **ode_kwargs)
     return _mean_se(log_p - log_q)
@@ -199,6 +213,13 @@ def mixture_kl(p, q, *, num_points: int = 100_000, generator=None) -> tuple[floa
 
     ``mean log p(x) - log q(x)`` over ``x ~ p``, both densities closed form (book eq. mixture).
     """
+    for name, m in (("p", p), ("q", q)):
+        if not hasattr(m, "log_prob") or not hasattr(m, "sample"):
+            raise TypeError(f"{name} must be a mixture with log_prob and sample, got "
+                            f"{type(m).__name__}")
+    if p.dim != q.dim:
+        raise ValueError(f"p and q must have the same dimension, got p.dim={p.dim} and "
+                         f"q.dim={q.dim}")
     check_positive_int("num_points", num_points)
     x = p.sample(num_points, generator=generator, dtype=torch.float64)
     return _mean_se(p.log_prob(x) - q.log_prob(x))
@@ -245,7 +266,7 @@ def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
     simpson = torch.ones(num_sigmas, dtype=torch.float64)
     simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
     quad = (simpson * h / 3).tolist()
-    x0 = p.sample(num_points, generator=generator, dtype=dtype, device=device)
+    x0 = p.sample(num_points, generator=generator, dtype=dtype, device=optional_device(device))
     noise = randn(x0.shape, generator, dtype=dtype, device=x0.device)
     bs = num_points if batch_size is None else check_positive_int("batch_size", batch_size)
     total = torch.zeros(num_points, dtype=torch.float64)
@@ -254,7 +275,7 @@ def score_error_kl(p, denoiser, *, reference=None, sigma_min: float = 0.002,
         for a in range(0, num_points, bs):
             xb = x0[a:a + bs] + s * noise[a:a + bs]
             sig = torch.full((xb.shape[0],), s, dtype=dtype, device=xb.device)
-            with torch.no_grad():
+            with torch.no_grad(), checked_scope():
                 diff = reference(xb, sig) - denoiser(xb, sig)
             total[a:a + bs] += quad[i] * diff.double().flatten(1).pow(2).sum(1).cpu() / s ** 2
     return float(total.mean()), float(total.std(unbiased=True) / math.sqrt(num_points))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int
-from ._util import resolve_device
+from ._util import optional_device, resolve_device
 
 __all__ = ["seed_everything", "BatchGenerator", "randn", "make_generator", "init_rng"]
 
@@ -97,6 +97,7 @@ def randn(shape, generator=None, *, dtype=torch.float32, device=None) -> torch.T
 
     The noise ``n ~ N(0, I)`` of ``x = x0 + sigma n`` (book: Notation page).
     """
+    device = optional_device(device)
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0:
         raise ValueError("shape must have at least one dimension (the batch)")

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ._checks import check_positive_int, check_sigma, check_tensor
+from ._util import optional_device
 
 __all__ = ["GaussianMixture", "ring", "grid_world", "mixture_1d"]
 
@@ -103,7 +104,7 @@ class GaussianMixture:
         return self._cache[key]
 
     def _check(self, x, sigma):
-        check_tensor("x", x, ndim=2, last_dim=self.dim)
+        check_tensor("x", x, ndim=2, last_dim=self.dim, finite=True)
         sigma = check_sigma("sigma", sigma, x.shape[0], allow_zero=True, like=x)
         return x, sigma
 
@@ -154,6 +155,7 @@ class GaussianMixture:
                return_components: bool = False, device=None, dtype=torch.float32):
         """Draw ``num_samples`` points of ``p_sigma`` (``(N, dim)``); optionally their components."""
         n = check_positive_int("num_samples", num_samples)
+        device = optional_device(device)
         gen_device = generator.device if generator is not None else torch.device(device or "cpu")
         key = ("sample", gen_device)
         if key not in self._cache:        # device copies made once: a copy to a GPU syncs

@@ -34,7 +34,7 @@ def batch_sampler(data, batch_size: int, generator=None, device=None):
     an object with ``sample(n, generator=...)`` (e.g. a :class:`~dgref.GaussianMixture`)."""
     check_positive_int("batch_size", batch_size)
     if isinstance(data, torch.Tensor):
-        check_tensor("data", data, min_ndim=2)
+        check_tensor("data", data, min_ndim=2, finite=True)   # before the first step
         n = data.shape[0]
 
         def draw():

@@ -37,10 +37,24 @@ def test_deferred_readback_gives_identical_training():
         assert torch.equal(p, q)
 
 
+class _GoesBad:
+    """A data stream (``.sample(n, generator=)``) whose batches turn NaN from call ``after`` on
+    (a tensor with a NaN is rejected before the first step, so the stream plants it later)."""
+
+    def __init__(self, after):
+        self.calls, self.after = 0, after
+
+    def sample(self, n, generator=None):
+        x = torch.randn(n, 2, generator=generator)
+        if self.calls >= self.after:
+            x[0] = float("nan")
+        self.calls += 1
+        return x
+
+
 @pytest.mark.parametrize("check_every", [1, 8])
 def test_deferred_readback_names_first_nonfinite_step(check_every):
-    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
-    data[5] = float("nan")
+    data = _GoesBad(after=13)
     seen = []
     with pytest.raises(dgref.NonFiniteError,
                        match=r"non-finite loss nan at step (\d+); last finite loss") as info:
@@ -49,6 +63,7 @@ def test_deferred_readback_names_first_nonfinite_step(check_every):
                                      generator=torch.Generator().manual_seed(0)):
             seen.append(rec)
     bad = int(str(info.value).split("at step ")[1].split(";")[0])
+    assert bad == 13
     # every step before the bad one was yielded, with a finite loss, and the message quotes it
     assert [r["step"] for r in seen] == list(range(bad))
     if seen:

@@ -158,11 +158,18 @@ def test_loss_rejects_bad_sigma_for_any_shape(shape, bad_sigma):
 def test_training_stops_at_first_nonfinite_loss():
     torch.manual_seed(0)
     net = mlp_denoiser(2, 1.0, hidden=16, depth=1)
-    data = torch.randn(64, 2)
-    data[5] = float("nan")
+    class GoesBad:                        # a stream whose batches turn NaN at step 7
+        calls = 0
+
+        def sample(self, n, generator=None):
+            x = torch.randn(n, 2, generator=generator)
+            if self.calls >= 7:
+                x[0] = float("nan")
+            self.calls += 1
+            return x
     g = torch.Generator().manual_seed(0)
-    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step \d+; last finite loss"):
-        for _ in edm_training_loop(net, data, steps=200, batch_size=32, generator=g):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 7; last finite loss"):
+        for _ in edm_training_loop(net, GoesBad(), steps=200, batch_size=32, generator=g):
             pass
 
 
