@@ -1,9 +1,11 @@
 """Two small tensor helpers every layer shares: device resolution and per-row broadcasting."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-__all__ = ["resolve_device", "optional_device", "bcast"]
+__all__ = ["resolve_device", "optional_device", "bcast", "split_extra_args"]
 
 
 def resolve_device(device=None) -> torch.device:
@@ -41,6 +43,24 @@ def optional_device(device):
     if device is None or (isinstance(device, torch.device) and device.type == "cpu"):
         return device
     return resolve_device(device)
+
+
+def split_extra_args(extra_args) -> tuple[tuple, dict]:
+    """``extra_args`` of a sampler or the likelihood as ``(args, kwargs)`` for
+    ``D(x, sigma, *args, **kwargs)``: a tuple or list is positional (``D(x, sigma, labels)``),
+    a dict is keyword conditioning as in k-diffusion (``extra_args={"class_labels": c}``),
+    ``None`` is nothing."""
+    if extra_args is None:
+        return (), {}
+    if isinstance(extra_args, Mapping):
+        for k in extra_args:
+            if not isinstance(k, str):
+                raise TypeError(f"extra_args keys must be str (keyword names), got {k!r}")
+        return (), dict(extra_args)
+    if isinstance(extra_args, (tuple, list)):
+        return tuple(extra_args), {}
+    raise TypeError("extra_args must be a tuple (positional) or a dict (keyword conditioning), "
+                    f"got {type(extra_args).__name__}")
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ class CFGDenoiser:
 
     Args:
         denoiser: conditional denoiser ``D(x, sigma, labels)``.
-        labels: an int class or a ``(B,)`` integer tensor (no null label).
+        labels: an int class or a ``(B,)`` integer tensor (no null label); or None, and the
+            labels come with each call, positionally or as ``labels=`` / ``class_labels=``
+            (k-diffusion's keyword ``extra_args``), which also override bound labels.
         weight: guidance scale ``w`` (any finite real; ``w = -1`` is the unconditional model).
         null_label: the null label; default ``denoiser.null_label`` (or ``denoiser.net``'s).
     """
@@ -64,16 +66,29 @@ class CFGDenoiser:
         if isinstance(labels, torch.Tensor):
             check_labels("labels", labels, labels.reshape(-1).shape[0], self.null_label,
                          allow_null=False, force=True)
-        else:
+        elif labels is not None:
             check_labels("labels", labels, 1, self.null_label, allow_null=False)
         self.labels = labels
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, labels=None, *, class_labels=None
+                 ) -> torch.Tensor:
         check_tensor("x", x, min_ndim=2)
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
-        with checked_scope():             # labels were checked at construction
-            lab = check_labels("labels", self.labels, x.shape[0], self.null_label,
+        if class_labels is not None:
+            if labels is not None:
+                raise TypeError("pass labels or class_labels, not both")
+            labels = class_labels
+        if labels is not None:            # per-call conditioning (k-diffusion's extra_args)
+            lab = check_labels("labels", labels, x.shape[0], self.null_label,
                                allow_null=False, device=x.device)
+        elif self.labels is None:
+            raise TypeError("CFGDenoiser was built with labels=None: pass labels at each call "
+                            "(e.g. edm_sampler(..., extra_args={'labels': c}))")
+        else:
+            with checked_scope():         # checked at construction
+                lab = check_labels("labels", self.labels, x.shape[0], self.null_label,
+                                   allow_null=False, device=x.device)
+        with checked_scope():
             cond = self.denoiser(x, sigma, lab)
             check_output_shape("denoiser", cond, x.shape)
             if self.weight == 0.0:

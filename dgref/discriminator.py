@@ -222,7 +222,8 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
             weighting: str = "kl", gamma: float = 0.0, x_fake: torch.Tensor | None = None,
             P_mean: float = -1.2, P_std: float = 1.2, sigma_min: float = 0.002,
             sigma_max: float = 80.0, sigma_dist: str | None = None,
-            sigma_data: float | None = None, reduction: str = "mean") -> torch.Tensor:
+            sigma_data: float | None = None, reduction: str = "mean",
+            relative: bool = False) -> torch.Tensor:
     """The KL-minimising discriminator loss: reconstruction of the corrected denoiser (book eq. kl_objective-loss).
 
     Per example, with ``x = x0 + sigma n`` and the frozen model ``D`` (no gradient flows into it)::
@@ -263,6 +264,15 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
 
     Pass ``sigma`` ``(B,)`` to fix the levels (the ``"kl"`` weight then uses the density of
     ``sigma_dist`` at those levels). ``reduction="none"`` returns ``(B,)``.
+
+    ``relative=True`` returns ``loss(d) - loss(0)``: the same loss at ``d = 0`` (no correction;
+    ``lambda |D - x0|^2``, plus ``gamma 2 ln 2``), on the same batch and noise, is subtracted.
+    That term does not depend on the discriminator, so the gradient is unchanged, but the
+    value then estimates the *change* that guidance makes: with ``weighting="kl"`` the change
+    of the score-error integral (book eq. kl_argument-score-integral), in nats, which is
+    negative when guidance helps (``I(D + sigma^2 grad d) - I(D)``; the constant that the
+    absolute loss carries, the base model's own denoising error, is gone). The training loop
+    (:func:`discriminator_training_loop`) reports it.
     """
     check_tensor("x0", x0, min_ndim=2)
     if weighting not in ("kl", "edm"):
@@ -314,6 +324,11 @@ def kl_loss(disc, denoiser, x0: torch.Tensor, *, generator=None, sigma=None,
     if gamma > 0:
         per = per + gamma * ce_loss(disc, x0, x_fake, generator=generator, sigma=sigma,
                                     reduction="none")
+    if relative:                          # minus the same loss at d = 0 (constant in phi)
+        zero = lam * (den - x0).flatten(1).pow(2).sum(1)
+        if gamma > 0:
+            zero = zero + gamma * 2 * math.log(2.0)                 # softplus(0) twice
+        per = per - zero.detach()
     return per.mean() if reduction == "mean" else per
 
 
@@ -412,6 +427,9 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     is a synchronisation, so records then come in blocks (every step still gets one, in order)
     and the steps after a non-finite one in the same block have already run (likewise after
     the record at which a consumer stops: use ``check_every=1`` to stop at an exact step).
+    With ``objective="kl"`` the recorded (and shown) loss is relative to ``d = 0``
+    (:func:`kl_loss` with ``relative=True``): with the KL weighting, an estimate of the change
+    of the score-error integral in nats, which falls below 0 as the discriminator improves.
     """
     if objective not in ("ce", "kl"):
         raise ValueError(f"objective must be 'ce' or 'kl', got {objective!r}")
@@ -454,7 +472,7 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
             return ce_loss(disc, xr, xf, generator=generator, weighting=weighting,
                            **loss_kwargs)
         return kl_loss(disc, denoiser, xr, generator=generator, weighting=weighting,
-                       gamma=gamma, x_fake=xf, **loss_kwargs)
+                       gamma=gamma, x_fake=xf, relative=True, **loss_kwargs)
 
     disc.train()
     yield from optimisation_loop(step_loss, params, optimizer, steps=steps, lr=lr,

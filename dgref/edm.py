@@ -23,7 +23,7 @@ from ._checks import (NonFiniteError, check_callable, check_finite_float, check_
                       checked_scope)
 from ._progress import progress_bar
 from ._util import bcast as _bcast
-from ._util import optional_device
+from ._util import optional_device, split_extra_args
 from .nets import MLP, ConditionalMLP
 from .rng import randn
 
@@ -58,8 +58,9 @@ def _precond_coeffs(sigma: torch.Tensor, sigma_data: float):
 class EDMPrecond(nn.Module):
     """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` around a raw network ``F`` (book eq. edm-precond).
 
-    ``F(x_in, c_noise, *args)`` takes the scaled input and ``c_noise`` of shape ``(B,)``; extra
-    positional arguments (e.g. a class label) are passed through.
+    ``F(x_in, c_noise, *args, **kwargs)`` takes the scaled input and ``c_noise`` of shape
+    ``(B,)``; extra positional and keyword arguments (e.g. ``labels`` or ``class_labels``) are
+    passed through.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5):
@@ -67,7 +68,7 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = check_positive_float("sigma_data", sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma, *args) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, *args, **kwargs) -> torch.Tensor:
         check_tensor("x", x, min_ndim=2)
         param = next(self.net.parameters(), None)
         if param is not None and (param.device != x.device or param.dtype != x.dtype):
@@ -77,7 +78,7 @@ class EDMPrecond(nn.Module):
         sigma = check_sigma("sigma", sigma, x.shape[0], like=x)
         c_skip, c_out, c_in, c_noise = _precond_coeffs(sigma, self.sigma_data)
         with checked_scope():
-            f = self.net(_bcast(c_in, x) * x, c_noise, *args)
+            f = self.net(_bcast(c_in, x) * x, c_noise, *args, **kwargs)
         check_output_shape("the network", f, x.shape)
         return _bcast(c_skip, x) * x + _bcast(c_out, x) * f
 
@@ -112,7 +113,8 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
     ``lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2`` with ``ln sigma ~ N(P_mean, P_std^2)`` and
     ``lambda = (sigma^2 + sigma_data^2)/(sigma sigma_data)^2``; summed over data dimensions,
     averaged over the batch (``reduction="none"`` returns the per-example ``(B,)`` values).
-    Pass ``sigma`` to fix the noise levels instead of sampling them.
+    Pass ``sigma`` to fix the noise levels instead of sampling them. ``extra_args`` go to the
+    denoiser after ``sigma``: a tuple (positional) or a dict (keyword conditioning).
     """
     check_callable("denoiser", denoiser)
     check_tensor("x0", x0, min_ndim=2)
@@ -127,8 +129,9 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, *, sigma_data: float = 0.5,
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + _bcast(sigma, x0) * n
     weight = edm_loss_weight(sigma, sigma_data)
+    args, kwargs = split_extra_args(extra_args)
     with checked_scope():
-        out = denoiser(x, sigma, *extra_args)
+        out = denoiser(x, sigma, *args, **kwargs)
     err = (check_output_shape("denoiser", out, x0.shape, "x0") - x0) ** 2
     per_example = weight * err.flatten(1).sum(1)
     return per_example.mean() if reduction == "mean" else per_example
@@ -173,6 +176,23 @@ def _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho) -> list[float]
     return [float(t) for t in s]
 
 
+_LATENT_MAX = 8.0
+
+
+def _check_latents(latents, latents_scaled):
+    if not isinstance(latents_scaled, bool):
+        raise TypeError(f"latents_scaled must be True or False, got {latents_scaled!r}")
+    if latents_scaled:
+        return
+    top = float(latents.detach().abs().max())
+    if not top <= _LATENT_MAX:            # NaN fails too
+        raise ValueError(
+            f"latents must be unit-normal (the sampler multiplies them by sigma_max), but "
+            f"max |latents| = {top:.4g} > {_LATENT_MAX:g}: they look pre-scaled (or are not "
+            "finite). Pass unit-normal latents, or latents_scaled=True for latents already "
+            "at the first level")
+
+
 class SamplerStep(NamedTuple):
     """One step of the sampler: ``t_cur -> t_hat -> t_next`` and the states it passed through."""
     i: int
@@ -189,15 +209,23 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
                      S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
                      S_noise: float = 1.0, generator=None, heun_denoiser: Denoiser | None = None,
                      sigmas: torch.Tensor | None = None, progress: bool | None = None,
-                     extra_args=()) -> Iterator[SamplerStep]:
+                     extra_args=(), latents_scaled: bool = False) -> Iterator[SamplerStep]:
     """EDM Algorithm 2 as a generator of :class:`SamplerStep` (book: Algorithm edm-sampler).
 
-    ``latents`` are unit-normal ``(B, ...)``; the chain starts at ``x = t_0 * latents``. Each
+    ``latents`` are unit-normal ``(B, ...)``; the chain starts at ``x = t_0 * latents``
+    (``t_0 = sigma_max``, or ``sigmas[0]``): do not scale them yourself. A batch whose largest
+    ``|latent|`` exceeds 8 (about ``1e-15`` per entry for a unit normal) is taken for
+    pre-scaled latents and rejected (one read-back, here at the start). Latents already at
+    ``t_0`` (k-diffusion's convention, ``x = randn * sigmas[0]``) are passed with
+    ``latents_scaled=True``: the chain then starts at ``x = latents``. Each
     step optionally adds churn noise (``S_churn > 0``, within ``[S_min, S_max]``), takes an
     Euler step with the slope ``(x - D(x; t))/t``, and, unless the next level is 0, corrects it
     with Heun's second slope. ``heun_denoiser`` (default: ``denoiser``) evaluates that second
     slope: passing the unguided model there applies a guidance at the Euler slope only.
-    ``sigmas`` overrides the rho-schedule (a decreasing sequence ending in 0).
+    ``sigmas`` overrides the rho-schedule (a decreasing sequence ending in 0). ``extra_args``
+    go to every denoiser call after ``sigma``: a tuple (positional, ``D(x, sigma, labels)``) or
+    a dict (keyword conditioning as k-diffusion's ``extra_args``,
+    ``D(x, sigma, class_labels=c)``).
     """
     check_callable("denoiser", denoiser)
     if heun_denoiser is not None:
@@ -207,6 +235,8 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
         check_positive_float(name, val, allow_zero=True)
     check_positive_float("S_max", S_max, allow_zero=True, allow_inf=True)
     t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
+    _check_latents(latents, latents_scaled)
+    args, kwargs = split_extra_args(extra_args)
     N = len(t_steps) - 1
     heun = denoiser if heun_denoiser is None else heun_denoiser
     B = latents.shape[0]
@@ -215,7 +245,7 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
     def level(t):
         return torch.full((B,), t, dtype=dtype, device=device)
 
-    x_next = latents * t_steps[0]
+    x_next = latents if latents_scaled else latents * t_steps[0]
     for i in progress_bar(range(N), desc="sampling", progress=progress):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         x_cur = x_next
@@ -230,14 +260,14 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
         # Euler step. The levels were checked once above: the denoiser's own sigma checks
         # are skipped (checked_scope), and its output shape is checked (no broadcasting).
         with checked_scope():
-            denoised = denoiser(x_hat, level(t_hat), *extra_args)
+            denoised = denoiser(x_hat, level(t_hat), *args, **kwargs)
         check_output_shape("denoiser", denoised, x_hat.shape, "x")
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # Heun correction (second order), skipped on the last step to sigma = 0.
         if t_next > 0:
             with checked_scope():
-                den2 = heun(x_next, level(t_next), *extra_args)
+                den2 = heun(x_next, level(t_next), *args, **kwargs)
             check_output_shape("heun_denoiser" if heun_denoiser is not None else "denoiser",
                                den2, x_next.shape, "x")
             d_prime = (x_next - den2) / t_next
@@ -277,8 +307,8 @@ _SDE_METHODS = ("euler_maruyama", "ancestral")
 def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                     sigmas=None, method: str = "euler_maruyama", generator=None,
-                    extra_args=(), progress: bool | None = None, check_finite: bool = True
-                    ) -> torch.Tensor:
+                    extra_args=(), progress: bool | None = None, check_finite: bool = True,
+                    latents_scaled: bool = False) -> torch.Tensor:
     """Sample the reverse SDE (book eq. guidance-theory-sde) with any denoiser ``D(x, sigma)``.
 
     With ``x_sigma = x0 + sigma n`` the forward process is ``dx = sqrt(2 sigma) dW`` in the
@@ -288,7 +318,8 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
     probability-flow ODE that :func:`edm_sampler` integrates.
 
     Steps run over the EDM levels ``t_0 > ... > t_{N-1} > t_N = 0`` (``sigmas`` overrides them);
-    ``x = t_0 * latents`` at the start. For each step ``t -> t' > 0``:
+    ``x = t_0 * latents`` at the start (unit-normal latents; ``latents_scaled`` and
+    ``extra_args`` as in :func:`edm_sampler_iter`). For each step ``t -> t' > 0``:
 
     - ``"euler_maruyama"``: ``x += 2 (t - t')/t (D(x; t) - x) + sqrt(2 t (t - t')) z``;
     - ``"ancestral"``: ``x = D + (t'/t)^2 (x - D) + t' sqrt(1 - (t'/t)^2) z`` (the exact
@@ -302,13 +333,15 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
     if method not in _SDE_METHODS:
         raise ValueError(f"method must be one of {_SDE_METHODS}, got {method!r}")
     t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
+    _check_latents(latents, latents_scaled)
+    args, kwargs = split_extra_args(extra_args)
     B, dtype, device = latents.shape[0], latents.dtype, latents.device
-    x = latents * t_steps[0]
+    x = latents if latents_scaled else latents * t_steps[0]
     with torch.no_grad():
         for i in progress_bar(range(len(t_steps) - 1), desc="sde", progress=progress):
             t, tn = t_steps[i], t_steps[i + 1]
             with checked_scope():
-                D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *extra_args)
+                D = denoiser(x, torch.full((B,), t, dtype=dtype, device=device), *args, **kwargs)
             check_output_shape("denoiser", D, x.shape, "x")
             if tn == 0.0:
                 x = D

@@ -90,8 +90,11 @@ def grid_flow(denoiser, start, *, num_points: int = 4001, width: float = 12.0,
     x = torch.linspace(m - half, m + half, M, dtype=torch.float64)
     logp = start.log_prob(x[:, None], t0)                           # (M,)
     w = torch.softmax(logp, 0)                                      # p dx, normalised
-    y = edm_sampler(denoiser, (x / t0)[:, None], sigmas=torch.tensor(t_steps),
-                    heun_denoiser=heun_denoiser, check_finite=check_finite)[:, 0]
+    # the grid starts at t_0 itself: (x / t0) * t0 is what the sampler would form from
+    # unit-normal latents x / t0 (bitwise), passed as already scaled.
+    y = edm_sampler(denoiser, (x / t0)[:, None] * t0, sigmas=torch.tensor(t_steps),
+                    heun_denoiser=heun_denoiser, check_finite=check_finite,
+                    latents_scaled=True)[:, 0]
     dy = torch.gradient(y, spacing=(x,))[0]
     monotone = bool((y[1:] > y[:-1]).all()) and bool(torch.isfinite(y).all())
     dx = float(x[1] - x[0])

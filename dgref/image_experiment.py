@@ -254,6 +254,8 @@ class ImagesExperiment:
             return {"state": disc.state_dict(), "losses": torch.tensor(losses)}
         cfg = self._cfg("denoiser", "sampler", "samples", "discriminator")
         cfg["objective"] = objective
+        if objective == "kl":             # its recorded losses are relative to d = 0
+            cfg["kl_losses"] = "relative"
         payload = self._phase(f"disc-{objective}", cfg, build)
         disc.load_state_dict(payload["state"])
         disc.eval()

@@ -299,7 +299,13 @@ class LabelledWorld:
         return torch.where(torch.isfinite(out), out, x) if isinstance(
             self.base, UniformIntervals) else out
 
-    def __call__(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma, labels=None, *, class_labels=None
+                 ) -> torch.Tensor:
+        """``denoise(x, sigma, labels)``; ``class_labels=`` is an alias of ``labels=``."""
+        if class_labels is not None:
+            if labels is not None:
+                raise TypeError("pass labels or class_labels, not both")
+            labels = class_labels
         return self.denoise(x, sigma, labels)
 
     def score(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:

@@ -21,6 +21,17 @@ from .rng import init_rng
 __all__ = ["FourierEmbedding", "silu_mlp", "MLP", "ConditionalMLP"]
 
 
+def _one_labels(labels, class_labels):
+    """``labels`` or its keyword alias ``class_labels`` (exactly one of them)."""
+    if class_labels is not None:
+        if labels is not None:
+            raise TypeError("pass labels or class_labels, not both")
+        return class_labels
+    if labels is None:
+        raise TypeError("labels are required (positionally, labels= or class_labels=)")
+    return labels
+
+
 class FourierEmbedding(nn.Module):
     """Fixed sinusoidal features of a scalar (the noise level): ``(B,) -> (B, 2 * num_freqs)``."""
 
@@ -86,7 +97,8 @@ class ConditionalMLP(nn.Module):
     """``F(x_in, c_noise, labels)``: a SiLU MLP on ``[x_in, embed(c_noise), embed(label)]``.
 
     ``labels`` ``(B,)`` in ``0..num_classes``; the last value is the null label (its own learned
-    embedding), trained by label dropout.
+    embedding), trained by label dropout. The labels may be passed positionally or by keyword,
+    ``labels=`` or ``class_labels=`` (k-diffusion's and EDM's name).
     """
 
     def __init__(self, dim: int, num_classes: int, hidden: int = 128, depth: int = 3,
@@ -101,7 +113,9 @@ class ConditionalMLP(nn.Module):
             self.label_embed = nn.Embedding(num_classes + 1, label_dim)
             self.body = silu_mlp(dim + 2 * num_freqs + label_dim, hidden, depth, dim)
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None, *,
+                class_labels=None) -> torch.Tensor:
+        labels = _one_labels(labels, class_labels)
         lab = check_labels("labels", labels, x_in.shape[0], self.num_classes, device=x_in.device)
         h = torch.cat([x_in, self.embed(c_noise).to(x_in.dtype),
                        self.label_embed(lab).to(x_in.dtype)], dim=1)
