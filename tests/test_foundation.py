@@ -405,9 +405,11 @@ def test_kl_divergence_matches_analytic_pointwise(gen):
     model = data.reweighted(weights=torch.tensor([3.0, 1.0] * 4, dtype=DT) / 16, stds=0.22)
     x = data.sample(300, generator=gen, dtype=DT)
     kl, se = dgref.kl_divergence(data, model, x=x, num_steps=64, solver="rk4")
-    ref = (data.log_prob(x) - model.log_prob(x)).mean().item()
-    assert kl == pytest.approx(ref, abs=0.01)
-    assert 0 < se < 0.1
+    pointwise = data.log_prob(x) - model.log_prob(x)
+    # measured |kl - ref| = 4.5e-5 (64 RK4 steps); the standard error is that of the same
+    # 300 pointwise log-ratios (the ODE error is far below their spread)
+    assert kl == pytest.approx(pointwise.mean().item(), abs=3e-4)
+    assert se == pytest.approx(pointwise.std().item() / math.sqrt(300), rel=1e-2)
 
 
 # --------------------------------------------------------------------------------------------
