@@ -1,0 +1,249 @@
+"""Discriminator objectives and guidance against by-hand references (issue 15, mutation
+testing): the training-level distributions and their densities, both objectives' per-example
+values with the same random draws, the defaults, and the guided denoiser's plumbing."""
+import math
+
+import pytest
+import torch
+
+import dgref
+from dgref.discriminator import (dg_sampler_kwargs, discriminator_correction,
+                                 sample_training_sigmas)
+
+DT = torch.float64
+SP = torch.nn.functional.softplus
+
+
+class _Quad(torch.nn.Module):
+    """d(x, sigma) = a . x + b |x|^2 / (1 + sigma^2): closed-form input gradient."""
+
+    def __init__(self, dim=2):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.linspace(0.7, -0.4, dim, dtype=DT))
+        self.b = torch.nn.Parameter(torch.tensor(-0.3, dtype=DT))
+        self.sigma_data = 0.9
+
+    def forward(self, x, sigma):
+        return x @ self.a + self.b * (x ** 2).sum(1) / (1 + sigma ** 2)
+
+    def grad(self, x, sigma):
+        return self.a.detach() + 2 * self.b.detach() * x / (1 + sigma[:, None] ** 2)
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Training levels and their densities
+# --------------------------------------------------------------------------------------------
+def test_lognormal_levels_and_density():
+    s, dens = sample_training_sigmas(6, generator=_g(0), dtype=DT)
+    z = dgref.randn((6,), _g(0), dtype=DT)
+    torch.testing.assert_close(s, (-1.2 + 1.2 * z).exp(), rtol=1e-14, atol=0)
+    # density of sigma: N(ln s; -1.2, 1.2^2) / s
+    ref = torch.exp(-0.5 * ((s.log() + 1.2) / 1.2) ** 2) / (s * 1.2 * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(dens, ref, rtol=1e-12, atol=0)
+    s2, d2 = sample_training_sigmas(4, P_mean=0.3, P_std=0.5, generator=_g(0), dtype=DT)
+    z = dgref.randn((4,), _g(0), dtype=DT)
+    torch.testing.assert_close(s2, (0.3 + 0.5 * z).exp(), rtol=1e-14, atol=0)
+    ref = torch.exp(-0.5 * ((s2.log() - 0.3) / 0.5) ** 2) / (s2 * 0.5 * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(d2, ref, rtol=1e-12, atol=0)
+    # the density integrates to one (quadrature in ln sigma)
+    u = torch.linspace(-12, 10, 20001, dtype=DT)
+    from dgref.discriminator import _sigma_density
+    mass = torch.trapezoid(_sigma_density(u.exp(), "lognormal", -1.2, 1.2, 0.002, 80.0)
+                           * u.exp(), u)
+    assert float(mass) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_loguniform_levels_and_density():
+    s, dens = sample_training_sigmas(6, sigma_dist="loguniform", generator=_g(1), dtype=DT)
+    u = torch.rand((6,), generator=_g(1), dtype=DT)
+    torch.testing.assert_close(s, (math.log(0.002) + u * math.log(80 / 0.002)).exp(),
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(dens, 1 / (s * math.log(80 / 0.002)), rtol=1e-14, atol=0)
+    s, dens = sample_training_sigmas(6, sigma_dist="loguniform", sigma_min=0.5, sigma_max=2.0,
+                                     generator=_g(1), dtype=DT)
+    torch.testing.assert_close(s, (math.log(0.5) + u * math.log(4.0)).exp(), rtol=1e-14,
+                               atol=0)
+    torch.testing.assert_close(dens, 1 / (s * math.log(4.0)), rtol=1e-14, atol=0)
+    # density of given levels: the edges (within 1e-6 relative) are inside, beyond is 0
+    from dgref.discriminator import _sigma_density
+    lv = torch.tensor([0.5, 0.5 * (1 - 0.5e-6), 0.5 * (1 - 2e-6), 2.0 * (1 + 0.5e-6),
+                       2.0 * (1 + 2e-6), 1.0], dtype=DT)
+    d = _sigma_density(lv, "loguniform", -1.2, 1.2, 0.5, 2.0)
+    inside = torch.tensor([1, 1, 0, 1, 0, 1], dtype=DT)
+    torch.testing.assert_close(d, inside / (lv * math.log(4.0)), rtol=1e-14, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The objectives, per example, with the same draws
+# --------------------------------------------------------------------------------------------
+def _data(n=8, seed=0):
+    p = dgref.ring()
+    return (p.sample(n, generator=_g(seed), dtype=DT),
+            p.reweighted(stds=0.3).sample(n, generator=_g(seed + 1), dtype=DT))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "loguniform"])
+def test_ce_loss_draws_levels_then_noise(weighting):
+    xr, xf = _data()
+    disc = _Quad()
+    got = dgref.ce_loss(disc, xr, xf, generator=_g(3), weighting=weighting, reduction="none",
+                        sigma_min=0.01, sigma_max=20.0)
+    g = _g(3)
+    if weighting == "uniform":
+        s = (-1.2 + 1.2 * dgref.randn((8,), g, dtype=DT)).exp()
+    else:
+        s = (math.log(0.01) + torch.rand((8,), generator=g, dtype=DT) * math.log(2000)).exp()
+    nr, nf = dgref.randn(xr.shape, g, dtype=DT), dgref.randn(xf.shape, g, dtype=DT)
+    ref = SP(-disc(xr + s[:, None] * nr, s)) + SP(disc(xf + s[:, None] * nf, s))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    mean = dgref.ce_loss(disc, xr, xf, generator=_g(3), weighting=weighting, sigma_min=0.01,
+                         sigma_max=20.0)
+    torch.testing.assert_close(mean, ref.mean(), rtol=1e-12, atol=0)
+
+
+def test_ce_loss_default_range_and_p_std():
+    xr, xf = _data()
+    disc = _Quad()
+    a = dgref.ce_loss(disc, xr, xf, generator=_g(4), weighting="loguniform", reduction="none")
+    b = dgref.ce_loss(disc, xr, xf, generator=_g(4), weighting="loguniform", reduction="none",
+                      sigma_min=0.002, sigma_max=80.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a = dgref.ce_loss(disc, xr, xf, generator=_g(4), reduction="none", P_mean=0.5, P_std=0.1)
+    g = _g(4)
+    s = (0.5 + 0.1 * dgref.randn((8,), g, dtype=DT)).exp()
+    nr, nf = dgref.randn(xr.shape, g, dtype=DT), dgref.randn(xf.shape, g, dtype=DT)
+    ref = SP(-disc(xr + s[:, None] * nr, s)) + SP(disc(xf + s[:, None] * nf, s))
+    torch.testing.assert_close(a, ref, rtol=1e-12, atol=0)
+
+
+def _kl_reference(disc, D, x0, s, lam, n):
+    x = x0 + s[:, None] * n
+    err = D(x, s) + s[:, None] ** 2 * disc.grad(x, s) - x0
+    return lam * (err ** 2).sum(1)
+
+
+@pytest.mark.parametrize("sigma_dist", [None, "lognormal"])
+def test_kl_loss_kl_weighting_by_hand(sigma_dist):
+    """``lambda = 1/(sigma^3 p_train(sigma))``: ``ln(hi/lo)/sigma^2`` for the default
+    log-uniform levels on [0.002, 80]; the log-normal density otherwise."""
+    x0, _ = _data()
+    disc, q = _Quad(), dgref.ring().reweighted(stds=0.3)
+    got = dgref.kl_loss(disc, q, x0, generator=_g(5), sigma_dist=sigma_dist, reduction="none")
+    g = _g(5)
+    if sigma_dist is None:
+        s = (math.log(0.002) + torch.rand((8,), generator=g, dtype=DT) * math.log(40000)).exp()
+        lam = math.log(40000) / s ** 2
+    else:
+        s = (-1.2 + 1.2 * dgref.randn((8,), g, dtype=DT)).exp()
+        dens = torch.exp(-0.5 * ((s.log() + 1.2) / 1.2) ** 2) / (s * 1.2 * math.sqrt(2 * math.pi))
+        lam = 1 / (s ** 3 * dens)
+    n = dgref.randn(x0.shape, g, dtype=DT)
+    torch.testing.assert_close(got, _kl_reference(disc, q, x0, s, lam, n), rtol=1e-10, atol=0)
+
+
+def test_kl_loss_edm_weighting_and_sigma_data_resolution():
+    x0, _ = _data()
+    disc, q = _Quad(), dgref.ring().reweighted(stds=0.3)
+    s = torch.exp(torch.linspace(-2, 1.5, 8, dtype=DT))
+
+    def ref(sd, seed):
+        n = dgref.randn(x0.shape, _g(seed), dtype=DT)
+        return _kl_reference(disc, q, x0, s, (s ** 2 + sd ** 2) / (s * sd) ** 2, n)
+
+    # sigma_data: given > the denoiser's > the discriminator's (0.9 here) > 0.5
+    got = dgref.kl_loss(disc, q, x0, sigma=s, weighting="edm", generator=_g(6),
+                        reduction="none")
+    torch.testing.assert_close(got, ref(0.9, 6), rtol=1e-10, atol=0)
+    got = dgref.kl_loss(disc, q, x0, sigma=s, weighting="edm", generator=_g(6), sigma_data=1.7,
+                        reduction="none")
+    torch.testing.assert_close(got, ref(1.7, 6), rtol=1e-10, atol=0)
+
+    def D(x, sg):
+        return q(x, sg)
+    D.sigma_data = 0.4
+    got = dgref.kl_loss(disc, D, x0, sigma=s, weighting="edm", generator=_g(6),
+                        reduction="none")
+    torch.testing.assert_close(got, ref(0.4, 6), rtol=1e-10, atol=0)
+    got = dgref.kl_loss(lambda x, sg: disc(x, sg), q, x0, sigma=s, weighting="edm",
+                        generator=_g(6), reduction="none")
+    torch.testing.assert_close(got, ref(0.5, 6), rtol=1e-10, atol=0)
+    # given levels with the KL weighting use the log-uniform density at those levels
+    got = dgref.kl_loss(disc, q, x0, sigma=s, generator=_g(6), reduction="none")
+    n = dgref.randn(x0.shape, _g(6), dtype=DT)
+    torch.testing.assert_close(got, _kl_reference(disc, q, x0, s, math.log(40000) / s ** 2, n),
+                               rtol=1e-10, atol=0)
+
+
+def test_kl_loss_model_is_frozen_and_discriminator_trained():
+    x0, _ = _data()
+    disc = _Quad()
+    net = dgref.mlp_denoiser(2, 0.5, hidden=8, depth=1).double()
+    loss = dgref.kl_loss(disc, net, x0, generator=_g(7))
+    loss.backward()
+    assert all(p.grad is None for p in net.parameters())
+    assert disc.a.grad is not None and float(disc.a.grad.abs().sum()) > 0
+    assert disc.b.grad is not None and float(disc.b.grad.abs()) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The discriminator network and the guided denoiser
+# --------------------------------------------------------------------------------------------
+def test_discriminator_inputs_and_defaults():
+    """``d = F([c_in x, c_noise])`` with c_in = 1/sqrt(s^2 + sd^2), c_noise = ln(s)/4;
+    hidden 128, depth 3 by default; Fourier features of c_noise with num_freqs > 0."""
+    disc = dgref.Discriminator(2, 0.7, generator=_g(0)).double()
+    widths = [m.out_features for m in disc.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [128, 128, 128, 1]
+    first = next(m for m in disc.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 3
+    x = torch.randn(5, 2, generator=_g(1), dtype=DT)
+    s = torch.tensor([0.1, 0.5, 1.0, 3.0, 30.0], dtype=DT)
+    c_in = 1 / (s ** 2 + 0.49).sqrt()
+    ref = disc.net(torch.cat([c_in[:, None] * x, s.log()[:, None] / 4], 1))[:, 0]
+    torch.testing.assert_close(disc(x, s), ref, rtol=1e-12, atol=0)
+    four = dgref.Discriminator(2, 0.7, hidden=16, depth=2, num_freqs=4, generator=_g(0)).double()
+    ref = four.net(c_in[:, None] * x, s.log() / 4).reshape(5)
+    torch.testing.assert_close(four(x, s), ref, rtol=1e-12, atol=0)
+
+
+def test_correction_keeps_the_graph_only_under_autograd():
+    disc = _Quad()
+    c = discriminator_correction(disc)
+    x = torch.randn(4, 2, generator=_g(2), dtype=DT)
+    s = torch.full((4,), 0.8, dtype=DT)
+    with torch.no_grad():
+        g = c(x, s)
+    assert not g.requires_grad
+    torch.testing.assert_close(g, disc.grad(x, s), rtol=1e-12, atol=0)
+    xg = x.clone().requires_grad_(True)
+    g2 = c(xg, s)
+    assert g2.requires_grad
+    # the divergence of the correction: 2 b dim / (1 + s^2) per row
+    div = sum(torch.autograd.grad(g2[:, i].sum(), xg, retain_graph=True)[0][:, i]
+              for i in range(2))
+    torch.testing.assert_close(div, 4 * disc.b.detach() / (1 + s ** 2), rtol=1e-12, atol=0)
+    g3 = c(x.clone(), s)                              # x without grad: a detached result
+    assert not g3.requires_grad
+
+
+def test_guidance_defaults_and_sampler_kwargs():
+    q = dgref.ring().reweighted(stds=0.3)
+    disc = _Quad()
+    x = torch.randn(6, 2, generator=_g(3), dtype=DT)
+    s = torch.full((6,), 2.0, dtype=DT)
+    G = dgref.discriminator_guidance(q, disc)                 # w = 1, everywhere
+    torch.testing.assert_close(G(x, s), q(x, s) + 4.0 * disc.grad(x, s), rtol=1e-12, atol=0)
+    G = dgref.discriminator_guidance(q, disc, 3.0, window=(0.5, 1.5))
+    torch.testing.assert_close(G(x, s), q(x, s), rtol=0, atol=0)
+    torch.testing.assert_close(G(x, s / 2), q(x, s / 2) + 3.0 * disc.grad(x, s / 2),
+                               rtol=1e-12, atol=0)
+    kw = dg_sampler_kwargs(q, disc, 2.0, (0.5, 1.5))          # default: Euler slope only
+    assert kw["heun_denoiser"] is q
+    torch.testing.assert_close(kw["denoiser"](x, s / 2),
+                               q(x, s / 2) + 2.0 * disc.grad(x, s / 2), rtol=1e-12, atol=0)
+    d = dgref.oracle_logit(dgref.ring(), q)
+    assert d.sigma_data == pytest.approx(dgref.ring().std(), rel=1e-15)
