@@ -1,0 +1,350 @@
+"""Mutation testing of dgref's core with mutmut (issue 15): ``make mutate``.
+
+Too slow for CI (tens of minutes to hours on two cores), so it is not part of ``make test``
+and mutmut is not in requirements.txt: this script installs it into the running venv when it
+is missing.
+
+What it does:
+
+1. Copies the package and the unit-test files (no notebooks, no browser or papermill tests)
+   into a scratch folder (default ``.mutation/``, git-ignored) with a ``setup.cfg`` that tells
+   mutmut which modules to mutate and which tests to run. The repository itself is never
+   touched.
+2. Runs ``mutmut run`` there, one worker, niced. mutmut first records which tests reach which
+   function, then runs, for each mutant, only those tests, fastest first, stopping at the
+   first failure.
+3. Classifies the result: killed (a test failed or the mutant timed out), survived, no tests
+   (no unit test reaches the function), and *equivalent*: survivors that cannot change any
+   specified behaviour, each with its reason, either by a rule below or listed in
+   ``tools/mutation_equivalents.txt``.
+4. Prints the score ``killed / (all - equivalent)`` and writes a Markdown report (default
+   ``.mutation/report.md``) with every survivor's diff.
+
+Not mutated, by configuration: ``raise`` statements (their messages are checked by name in
+the bad-input tests; the conditions that lead to them are mutated).
+
+Usage::
+
+    python tools/mutate.py                      # the default core modules and unit tests
+    python tools/mutate.py --modules dgref/guidance.py --tests tests/test_pins.py
+    python tools/mutate.py --rerun              # re-run the last run's survivors only
+                                                #  (after adding tests), same scratch folder
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT_VERSION = "3.8.1"
+
+#: The core: EDM core and samplers, toy worlds, labelled worlds, guidance, discriminator
+#: objectives, CFG, likelihood, grid flow.
+MODULES = ["dgref/edm.py", "dgref/toy.py", "dgref/labelled.py", "dgref/guidance.py",
+           "dgref/discriminator.py", "dgref/cfg.py", "dgref/likelihood.py",
+           "dgref/gridflow.py"]
+
+#: Unit tests only: no notebooks (nbval), no browser, no papermill, no book build.
+TESTS = ["tests/test_foundation.py", "tests/test_discriminator.py",
+         "tests/test_conditional.py", "tests/test_ce_failure.py", "tests/test_bad_input.py",
+         "tests/test_pins.py",
+         "tests/test_mutation_*.py"]
+
+EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.txt"
+
+#: Lines never mutated (regular expressions; a match covers the whole statement).
+DO_NOT_MUTATE = [r"^\s*raise\b"]
+
+# A pytest plugin copied into the scratch folder: runs the selected tests fastest first (by
+# the durations mutmut recorded), so that a mutant dies at its cheapest failing test.
+ORDER_PLUGIN = '''
+import json, os
+
+def _durations():
+    try:
+        from mutmut.state import state
+        d = dict(state().duration_by_test)
+        if d:
+            return d
+    except Exception:
+        pass
+    for path in ("mutmut-stats.json", os.path.join("mutants", "mutmut-stats.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f).get("duration_by_test", {})
+    return {}
+
+def pytest_collection_modifyitems(session, config, items):
+    d = _durations()
+    if d:
+        items.sort(key=lambda it: d.get(it.nodeid, d.get("mutants/" + it.nodeid, 1e9)))
+'''
+
+
+def log(msg: str) -> None:
+    print(f"[mutate] {msg}", flush=True)
+
+
+def bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def ensure_mutmut() -> Path:
+    exe = bin_dir() / "mutmut"
+    try:
+        import mutmut  # noqa: F401
+        if exe.exists():
+            return exe
+    except ImportError:
+        pass
+    log(f"installing mutmut=={MUTMUT_VERSION} into {sys.prefix} (not a project requirement)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mutmut=={MUTMUT_VERSION}"],
+                   check=True)
+    if not exe.exists():
+        sys.exit(f"mutmut was installed but {exe} is missing")
+    return exe
+
+
+def expand_tests(patterns: list[str]) -> list[str]:
+    out = []
+    for pat in patterns:
+        hits = sorted(glob.glob(str(ROOT / pat)))
+        out += [str(Path(h).relative_to(ROOT)) for h in hits]
+    return list(dict.fromkeys(out))
+
+
+def prepare(work: Path, modules: list[str], tests: list[str], fresh: bool) -> None:
+    """Lay out the scratch folder; ``fresh=False`` (a re-run) keeps the package copy and
+    mutmut's mutants and results, and refreshes only the tests."""
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        shutil.copytree(ROOT / "dgref", work / "dgref",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (work / "tests").exists():
+        shutil.rmtree(work / "tests")
+    (work / "tests").mkdir()
+    helpers = [p for p in (ROOT / "tests").glob("*.py")
+               if p.name == "conftest.py" or p.name.startswith("_")]
+    for p in helpers + [ROOT / t for t in tests]:
+        shutil.copy2(p, work / "tests" / p.name)
+    (work / "_mutate_order.py").write_text(ORDER_PLUGIN)
+    cfg = ["[mutmut]",
+           "source_paths = dgref",
+           "only_mutate =", *[f"    {m}" for m in modules],
+           "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in tests],
+           "pytest_add_cli_args =",
+           *[f"    {a}" for a in ("-p", "no:cacheprovider", "-p", "no:nbval", "-p", "no:xdist",
+                                  "-p", "no:hypothesispytest", "-p", "_mutate_order",
+                                  "-W", "ignore")],
+           "also_copy =", "    _mutate_order.py",
+           "do_not_mutate_patterns =", *[f"    {p}" for p in DO_NOT_MUTATE],
+           "process_isolation = fork",
+           "",
+           "[tool:pytest]",
+           "markers =", "    slow: takes more than a few seconds", ""]
+    (work / "setup.cfg").write_text("\n".join(cfg))
+
+
+def run_mutmut(exe: Path, work: Path, names: list[str], max_children: int, nice: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DGREF_PROGRESS": "0", "MPLBACKEND": "Agg",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = ["nice", "-n", str(nice), str(exe), "run", "--max-children", str(max_children), *names]
+    t0 = time.time()
+    with open(work / "run.log", "ab") as out:
+        proc = subprocess.run(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+    took = time.time() - t0
+    if proc.returncode != 0:
+        tail = (work / "run.log").read_bytes()[-3000:].decode("utf-8", "replace")
+        sys.exit(f"mutmut run failed (exit {proc.returncode}); end of {work / 'run.log'}:\n{tail}")
+    return took
+
+
+# -- results ---------------------------------------------------------------------------------
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests",
+          36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout",
+          34: "skipped", 37: "killed"}
+
+
+def load_results(work: Path) -> dict[str, str]:
+    res = {}
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        for key, code in data.get("exit_code_by_key", {}).items():
+            res[key] = STATUS.get(code, "suspicious" if code is not None else "not checked")
+    return res
+
+
+def diff_of(exe: Path, work: Path, name: str) -> list[str]:
+    out = subprocess.run([str(exe), "show", name], cwd=work, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [ln for ln in out.stdout.splitlines()
+            if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+
+
+def function_of(name: str) -> str:
+    """``dgref.mod.xǁClassǁmethod__mutmut_3`` -> ``dgref.mod.Class.method``."""
+    base = name.rsplit("__mutmut_", 1)[0]
+    mod, _, fn = base.rpartition(".")
+    fn = fn[2:] if fn.startswith("x_") else fn[1:] if fn.startswith("x") else fn
+    return mod + "." + fn.strip("ǁ").replace("ǁ", ".")
+
+
+_STRING = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')""")
+
+
+def rule_equivalent(diff: list[str]) -> str | None:
+    """Survivors that are equivalent by a general rule (reason), else None."""
+    minus = [ln[1:] for ln in diff if ln.startswith("-")]
+    plus = [ln[1:] for ln in diff if ln.startswith("+")]
+    if len(minus) != 1 or len(plus) != 1:
+        return None
+    old, new = minus[0], plus[0]
+    same_outside_strings = _STRING.sub('""', old) == _STRING.sub('""', new)
+    if same_outside_strings and re.search(r"\bcheck_\w+\(|\bdesc=|\bwhat=", old):
+        if re.search(r"XX|[A-Z]{3}", new):
+            return ("message text only: the argument name in an error message or a progress "
+                    "label (the bad-input tests match the name; the text still contains it)")
+    return None
+
+
+def load_listed_equivalents() -> list[tuple[str, str, str]]:
+    """``function | mutated line (stripped) | reason`` per line of mutation_equivalents.txt."""
+    out = []
+    if EQUIVALENTS.exists():
+        for ln in EQUIVALENTS.read_text().splitlines():
+            if not ln.strip() or ln.lstrip().startswith("#"):
+                continue
+            parts = [p.strip() for p in ln.split(" | ")]
+            if len(parts) != 3:
+                sys.exit(f"{EQUIVALENTS}: expected 'function | mutated line | reason', got {ln!r}")
+            out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
+def listed_equivalent(listed, func: str, diff: list[str]) -> str | None:
+    plus = " ".join(ln[1:].strip() for ln in diff if ln.startswith("+"))
+    for f, line, reason in listed:
+        if f == func and line == plus:
+            return reason
+    return None
+
+
+def report(exe: Path, work: Path, out: Path, modules, tests, took: float | None) -> dict:
+    res = load_results(work)
+    listed = load_listed_equivalents()
+    survivors, equivalent, no_tests = [], [], []
+    for name in sorted(res):
+        st = res[name]
+        if st not in ("survived", "no tests", "suspicious", "not checked"):
+            continue
+        diff = diff_of(exe, work, name)
+        func = function_of(name)
+        why = rule_equivalent(diff) or listed_equivalent(listed, func, diff)
+        entry = (name, func, diff, why, st)
+        if why:
+            equivalent.append(entry)
+        elif st == "no tests":
+            no_tests.append(entry)
+        else:
+            survivors.append(entry)
+    total = len(res)
+    killed = sum(1 for s in res.values() if s in ("killed", "timeout"))
+    denom = total - len(equivalent)
+    score = killed / denom if denom else float("nan")
+    per_module = {}
+    for name, st in res.items():
+        mod = name.split(".")[1]
+        d = per_module.setdefault(mod, {"total": 0, "killed": 0})
+        d["total"] += 1
+        d["killed"] += st in ("killed", "timeout")
+    summary = {"tool": f"mutmut {MUTMUT_VERSION}", "modules": modules, "tests": tests,
+               "mutants": total, "killed": killed, "equivalent": len(equivalent),
+               "survived": len(survivors), "no_tests": len(no_tests),
+               "score": score, "seconds": took}
+    lines = ["# Mutation testing report", "",
+             f"Tool: mutmut {MUTMUT_VERSION}, one worker. Modules: "
+             + ", ".join(f"`{m}`" for m in modules) + ".",
+             "Tests: " + ", ".join(f"`{t}`" for t in tests) + " (unit tests only).", "",
+             f"- mutants: {total}", f"- killed (incl. timeouts): {killed}",
+             f"- equivalent: {len(equivalent)}", f"- survived: {len(survivors)}",
+             f"- reached by no unit test: {len(no_tests)}",
+             f"- **score: {killed} / {denom} = {100 * score:.1f}%** "
+             "(killed / non-equivalent mutants)",
+             f"- run time: {took:.0f} s" if took else "", "",
+             "| module | mutants | killed |", "| --- | --- | --- |"]
+    for mod, d in sorted(per_module.items()):
+        lines.append(f"| {mod} | {d['total']} | {d['killed']} |")
+    for title, group in (("Survivors", survivors), ("Reached by no unit test", no_tests),
+                         ("Equivalent", equivalent)):
+        lines += ["", f"## {title} ({len(group)})", ""]
+        for name, func, diff, why, st in group:
+            lines.append(f"- `{name}` ({func})" + (f": {why}" if why else ""))
+            lines += [f"      {ln}" for ln in diff]
+    out.write_text("\n".join(lines) + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps(
+        {**summary, "survivors": [s[0] for s in survivors],
+         "no_tests_list": [s[0] for s in no_tests]}, indent=1))
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modules", help="comma-separated module paths (default: the core)")
+    ap.add_argument("--tests", help="comma-separated test files or globs (default: unit tests)")
+    ap.add_argument("--workdir", default=str(ROOT / ".mutation"))
+    ap.add_argument("--report", help="Markdown report path (default WORKDIR/report.md)")
+    ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--nice", type=int, default=15)
+    ap.add_argument("--rerun", action="store_true",
+                    help="re-run only the last run's survivors, with the current tests")
+    ap.add_argument("--report-only", action="store_true", help="no run: report the last one")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="exit 1 when the score is below this fraction (e.g. 0.95)")
+    args = ap.parse_args(argv)
+    modules = args.modules.split(",") if args.modules else MODULES
+    for m in modules:
+        if not (ROOT / m).is_file():
+            sys.exit(f"--modules: {m} does not exist under {ROOT}")
+    tests = expand_tests(args.tests.split(",") if args.tests else TESTS)
+    if not tests:
+        sys.exit("--tests: no test file matched")
+    work = Path(args.workdir).resolve()
+    exe = ensure_mutmut()
+    out = Path(args.report) if args.report else work / "report.md"
+    took = None
+    if not args.report_only:
+        if args.rerun:
+            last = json.loads((work / "report.json").read_text())
+            names = last["survivors"] + last["no_tests_list"]
+            if not names:
+                log("no survivors to re-run")
+            else:
+                prepare(work, modules, tests, fresh=False)
+                log(f"re-running {len(names)} survivors")
+                took = run_mutmut(exe, work, names, args.max_children, args.nice)
+        else:
+            prepare(work, modules, tests, fresh=True)
+            log(f"mutating {len(modules)} modules against {len(tests)} test files in {work}")
+            took = run_mutmut(exe, work, [], args.max_children, args.nice)
+    s = report(exe, work, out, modules, tests, took)
+    log(f"{s['mutants']} mutants: {s['killed']} killed, {s['equivalent']} equivalent, "
+        f"{s['survived']} survived, {s['no_tests']} reached by no unit test")
+    log(f"score {100 * s['score']:.1f}% (killed / non-equivalent); report {out}")
+    if args.min_score is not None and s["score"] < args.min_score:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
