@@ -1,0 +1,227 @@
+"""Toy and labelled worlds, the grid flow and CFG training against closed forms (issue 15,
+mutation testing): the presets' documented parameters, sampling by its draws, the uniform
+classes' moments and scores, the Wasserstein-1 and entropy of a grid flow, and the functions
+that no unit test reached before (grid_w1, grid_world, grad_log_classifier, train_cfg, ...)."""
+import math
+
+import pytest
+import torch
+
+import dgref
+from dgref.gridflow import grid_flow, grid_w1
+from dgref.labelled import (UniformIntervals, labelled_ring, three_classes_1d,
+                            uniform_classes_1d)
+
+DT = torch.float64
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: documented parameters
+# --------------------------------------------------------------------------------------------
+def test_ring_grid_and_1d_presets():
+    r = dgref.ring()
+    ang = torch.arange(8, dtype=DT) * (math.pi / 4)
+    torch.testing.assert_close(r.means, 2.0 * torch.stack([ang.cos(), ang.sin()], 1))
+    torch.testing.assert_close(r.variances, torch.full((8, 2), 0.15 ** 2, dtype=DT))
+    torch.testing.assert_close(r.weights, torch.full((8,), 1 / 8, dtype=DT))
+    assert repr(r) == "GaussianMixture(K=8, dim=2)" and r.num_components == 8
+    g = dgref.grid_world()
+    c = torch.tensor([-2.0, 0.0, 2.0], dtype=DT)
+    torch.testing.assert_close(g.means, torch.cartesian_prod(c, c))
+    torch.testing.assert_close(g.variances, torch.full((9, 2), 0.04, dtype=DT))
+    torch.testing.assert_close(g.weights, torch.full((9,), 1 / 9, dtype=DT))
+    g2 = dgref.grid_world(2, 1.0, 0.3, weights=[0.1, 0.2, 0.3, 0.4])
+    c = torch.tensor([-0.5, 0.5], dtype=DT)
+    torch.testing.assert_close(g2.means, torch.cartesian_prod(c, c))
+    torch.testing.assert_close(g2.weights, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DT))
+    torch.testing.assert_close(g2.variances, torch.full((4, 2), 0.09, dtype=DT))
+    m = dgref.mixture_1d()
+    torch.testing.assert_close(m.means, torch.tensor([[-2.0], [2.0]], dtype=DT))
+    torch.testing.assert_close(m.variances, torch.full((2, 1), 0.25, dtype=DT))
+
+
+def test_mixture_widths_moments_and_reweighting():
+    means = torch.tensor([[0.0, 1.0], [3.0, -1.0]], dtype=DT)
+    iso = dgref.GaussianMixture(means, [0.3, 0.7], torch.tensor([0.5, 2.0], dtype=DT),
+                                labels=[1, 0])
+    torch.testing.assert_close(iso.variances, torch.tensor([[0.25, 0.25], [4.0, 4.0]], dtype=DT))
+    torch.testing.assert_close(iso.mean(), torch.tensor([2.1, -0.4], dtype=DT))
+    # root mean per-coordinate variance: within-component plus between-component
+    var = torch.tensor([0.3 * 0.25 + 0.7 * 4.0] * 2, dtype=DT) + 0.21 * (means[0] - means[1]) ** 2
+    assert iso.std() == pytest.approx(math.sqrt(float(var.mean())), rel=1e-14)
+    w = iso.reweighted(weights=[0.5, 0.5])
+    torch.testing.assert_close(w.means, means)
+    torch.testing.assert_close(w.variances, iso.variances)
+    assert w.labels.tolist() == [1, 0]
+    s = iso.reweighted(stds=1.0)
+    torch.testing.assert_close(s.weights, iso.weights)
+    torch.testing.assert_close(s.variances, torch.ones(2, 2, dtype=DT))
+
+
+def test_mixture_sampling_by_its_draws():
+    mix = dgref.GaussianMixture([[0.0], [10.0]], [0.25, 0.75], [0.5, 2.0])
+    x, k = mix.sample(6, sigma=1.5, generator=_g(0), return_components=True, dtype=DT)
+    g = _g(0)
+    k_ref = torch.multinomial(torch.tensor([0.25, 0.75], dtype=DT), 6, replacement=True,
+                              generator=g)
+    z = torch.randn((6, 1), generator=g, dtype=DT)
+    ref = mix.means[k_ref] + torch.sqrt(mix.variances[k_ref] + 2.25) * z
+    assert torch.equal(k, k_ref)
+    torch.testing.assert_close(x, ref, rtol=1e-14, atol=0)
+    assert mix.sample(3, generator=_g(0)).dtype == torch.float32
+
+
+def test_labelled_presets():
+    gp = dgref.gaussian_pair()
+    torch.testing.assert_close(gp.base.means, torch.tensor([[-1.0], [1.0]], dtype=DT))
+    torch.testing.assert_close(gp.base.variances, torch.full((2, 1), 0.25, dtype=DT))
+    torch.testing.assert_close(gp.prior, torch.tensor([0.5, 0.5], dtype=DT))
+    t3 = three_classes_1d()
+    torch.testing.assert_close(t3.base.means, torch.tensor([[-2.0], [0.0], [2.0]], dtype=DT))
+    torch.testing.assert_close(t3.base.variances, torch.full((3, 1), 0.25, dtype=DT))
+    lr = labelled_ring()
+    assert lr.num_classes == 3 and lr.base.num_components == 6
+    assert lr.base.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(lr.base.means.norm(dim=1), torch.full((6,), 2.0, dtype=DT))
+    torch.testing.assert_close(lr.base.variances, torch.full((6, 2), 0.09, dtype=DT))
+    uc = uniform_classes_1d()
+    torch.testing.assert_close(uc.base.intervals,
+                               torch.tensor([[-2.0, -0.5], [0.5, 2.0]], dtype=DT))
+    torch.testing.assert_close(uc.prior, torch.tensor([0.5, 0.5], dtype=DT))
+    assert repr(uc) == "LabelledWorld(UniformIntervals(K=2), C=2)"
+
+
+# --------------------------------------------------------------------------------------------
+# Uniform classes: moments, posterior, score, subsets, sampling
+# --------------------------------------------------------------------------------------------
+def test_uniform_intervals_moments_posterior_and_score():
+    u = UniformIntervals([[-2.0, -0.5], [0.5, 3.0]], [0.25, 0.75])
+    # mean and std of a mixture of uniforms
+    m = 0.25 * (-1.25) + 0.75 * 1.75
+    second = 0.25 * (4 + 1 + 0.25) / 3 + 0.75 * (0.25 + 1.5 + 9) / 3
+    torch.testing.assert_close(u.mean(), torch.tensor([m], dtype=DT))
+    assert u.std() == pytest.approx(math.sqrt(second - m ** 2), rel=1e-14)
+    x = torch.linspace(-4, 4, 17, dtype=DT)[:, None]
+    s = 0.6
+    post = u.posterior(x, s)
+    t, _ = u.component_terms(x, s)
+    torch.testing.assert_close(post, torch.softmax(t, 1))
+    torch.testing.assert_close(post.sum(1), torch.ones(17, dtype=DT))
+    # score = grad log p by autograd (Tweedie)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(u.log_prob(xg, s).sum(), xg)
+    torch.testing.assert_close(u.score(x, s), g, rtol=1e-8, atol=1e-10)
+    # a subset renormalises its weights and keeps its labels
+    lab = UniformIntervals([[0.0, 1.0], [2.0, 4.0], [5.0, 6.0]], [0.2, 0.3, 0.5], labels=[0, 1, 0])
+    sub = lab.subset(torch.tensor([True, False, True]))
+    torch.testing.assert_close(sub.weights, torch.tensor([2 / 7, 5 / 7], dtype=DT))
+    torch.testing.assert_close(sub.intervals, torch.tensor([[0.0, 1.0], [5.0, 6.0]], dtype=DT))
+    assert sub.labels.tolist() == [0, 0]
+    default = UniformIntervals([[0.0, 1.0], [2.0, 3.0]])
+    torch.testing.assert_close(default.weights, torch.tensor([0.5, 0.5], dtype=DT))
+
+
+def test_uniform_intervals_sampling_by_its_draws():
+    u = UniformIntervals([[-2.0, -0.5], [0.5, 3.0]], [0.25, 0.75])
+    x, k = u.sample(7, sigma=0.3, generator=_g(1), return_components=True, dtype=DT)
+    g = _g(1)
+    k_ref = torch.multinomial(u.weights, 7, replacement=True, generator=g)
+    v = torch.rand((7, 1), generator=g, dtype=DT)
+    z = torch.randn((7, 1), generator=g, dtype=DT)
+    a, b = u.intervals[k_ref, :1], u.intervals[k_ref, 1:]
+    assert torch.equal(k, k_ref)
+    torch.testing.assert_close(x, a + v * (b - a) + 0.3 * z, rtol=1e-14, atol=0)
+    x32 = u.sample(5, generator=_g(1))
+    assert x32.dtype == torch.float32 and x32.shape == (5, 1)
+    x0 = u.sample(2000, generator=_g(2), dtype=DT)                # sigma = 0: inside the support
+    inside = ((x0 >= -2) & (x0 <= -0.5)) | ((x0 >= 0.5) & (x0 <= 3.0))
+    assert bool(inside.all())
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled worlds: scores and the classifier gradient by autograd; sampling
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [dgref.gaussian_pair(2.0, 0.5, weights=[0.3, 0.7]),
+                                   labelled_ring(), uniform_classes_1d()], ids=repr)
+def test_scores_and_classifier_gradient_by_autograd(world):
+    x = 2.5 * torch.randn(12, world.dim, generator=_g(3), dtype=DT)
+    s = 0.7
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(world.log_prob(xg, s).sum(), xg)
+    torch.testing.assert_close(world.score(x, s), g, rtol=1e-8, atol=1e-10)
+    lab = torch.arange(12) % world.num_classes
+    lc = world.class_log_prob(xg, s).gather(1, lab[:, None]).sum()
+    (gc,) = torch.autograd.grad(lc, xg)
+    torch.testing.assert_close(world.score(x, s, lab), gc, rtol=1e-8, atol=1e-10)
+    lcl = world.log_classifier(xg, s).gather(1, lab[:, None]).sum()
+    (gl,) = torch.autograd.grad(lcl, xg)
+    torch.testing.assert_close(world.grad_log_classifier(x, s, lab), gl, rtol=1e-7, atol=1e-9)
+
+
+def test_tilted_density_and_joint_sampling():
+    world = dgref.gaussian_pair(2.0, 0.5, weights=[0.3, 0.7])
+    y = torch.linspace(-3, 3, 13, dtype=DT)[:, None]
+    for w in (0.0, 1.5):
+        ref = world.class_log_prob(y, 0.0)[:, 1] + w * world.log_classifier(y, 0.0)[:, 1]
+        torch.testing.assert_close(world.tilted_log_density(y, 1, w), ref)
+    x, lab = world.sample(4000, generator=_g(4), dtype=DT)
+    # labels are the components' classes: class 1 sits at +1
+    assert abs(float(x[lab == 1].mean()) - 1.0) < 0.05
+    assert abs(float(x[lab == 0].mean()) + 1.0) < 0.05
+    assert abs(float((lab == 1).double().mean()) - 0.7) < 4 * math.sqrt(0.21 / 4000)
+    xc = world.class_sample(0, 5, generator=_g(5), dtype=DT)
+    torch.testing.assert_close(xc, world.class_world(0).sample(5, generator=_g(5), dtype=DT))
+
+
+# --------------------------------------------------------------------------------------------
+# Grid flow: entropy and Wasserstein-1 against closed forms
+# --------------------------------------------------------------------------------------------
+def test_grid_flow_entropy_and_w1():
+    """The exact sampler's law is N(1, 0.25) up to 256 steps of discretisation: its entropy is
+    0.5 log(2 pi e 0.25); W1 to N(1 + d, 0.25) is |d| (a shift)."""
+    world = dgref.gaussian_pair()
+    f = grid_flow(dgref.CFGDenoiser(world, 1, 0.0), world.class_world(1), num_steps=256)
+    assert f.x.shape == (4001,) and f.monotone
+    h = 0.5 * math.log(2 * math.pi * math.e * 0.25)
+    assert f.entropy() == pytest.approx(h, abs=2e-3)             # measured 2e-4
+
+    def normal(m):
+        return lambda y: -0.5 * ((y[:, 0] - m) / 0.5) ** 2
+
+    assert grid_w1(f, normal(1.0), -6.0, 8.0) < 4e-3               # measured 7.5e-4
+    # measured 8e-7 from |d| for a shift (the grid's step CDF errors cancel in one sign)
+    assert grid_w1(f, normal(1.3), -6.0, 8.0) == pytest.approx(0.3, abs=1e-5)
+    assert grid_w1(f, normal(0.5), -6.0, 8.0) == pytest.approx(0.5, abs=1e-5)
+    bent = f._replace(monotone=False)
+    with pytest.raises(ValueError, match="monotone"):
+        bent.entropy()
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance helpers and CFG training
+# --------------------------------------------------------------------------------------------
+def test_oracle_correction_and_train_cfg():
+    p = dgref.ring()
+    q = p.reweighted(stds=0.3)
+    c = dgref.oracle_correction(p, q)
+    x = torch.randn(9, 2, generator=_g(6), dtype=DT)
+    s = torch.full((9,), 0.4, dtype=DT)
+    torch.testing.assert_close(c(x, s), p.score(x, s) - q.score(x, s))
+    G = dgref.ScoreCorrectedDenoiser(q, c)
+    torch.testing.assert_close(G(x, s), p.denoise(x, s), rtol=1e-10, atol=1e-12)
+    world = dgref.gaussian_pair(3.0, 0.5)
+
+    def run(fn):
+        net = dgref.conditional_mlp_denoiser(1, 2, world.std(), hidden=8, depth=1,
+                                             generator=_g(7))
+        return fn(net)
+
+    from dgref.cfg import cfg_training_loop
+    a = run(lambda n: dgref.train_cfg(n, world, steps=4, batch_size=16, generator=_g(8)))
+    b = run(lambda n: [r["loss"] for r in cfg_training_loop(n, world, steps=4, batch_size=16,
+                                                             generator=_g(8))])
+    assert len(a) == 4 and a == b
