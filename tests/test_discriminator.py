@@ -305,10 +305,29 @@ def test_image_shaped_data():
     x0 = torch.randn(6, 3, 8, 8)
     xf = torch.randn(6, 3, 8, 8)
     D = lambda x, s: 0.5 * x  # noqa: E731
-    for loss in (ce_loss(disc, x0, xf, generator=torch.Generator().manual_seed(0)),
-                 kl_loss(disc, D, x0, gamma=0.5, x_fake=xf,
-                         generator=torch.Generator().manual_seed(0))):
-        assert loss.ndim == 0 and torch.isfinite(loss)
+    ce = ce_loss(disc, x0, xf, generator=torch.Generator().manual_seed(0))
+    kl = kl_loss(disc, D, x0, gamma=0.5, x_fake=xf, generator=torch.Generator().manual_seed(0))
+    # The values by hand, with the same draws (levels, then noise), each level broadcast over
+    # (C, H, W): CE at ln sigma ~ N(-1.2, 1.2^2); KL at log-uniform levels on [0.002, 80]
+    # with lambda = ln(80/0.002)/sigma^2, plus 0.5 CE at the same levels.
+    sp = torch.nn.functional.softplus
+    g = torch.Generator().manual_seed(0)
+    s = (-1.2 + 1.2 * dgref.randn((6,), g)).exp()
+    nr, nf = dgref.randn(x0.shape, g), dgref.randn(xf.shape, g)
+    b = s[:, None, None, None]
+    ce_ref = (sp(-disc(x0 + b * nr, s)) + sp(disc(xf + b * nf, s))).mean()
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(0)
+    s = (math.log(0.002) + torch.rand((6,), generator=g) * math.log(40000)).exp()
+    b = s[:, None, None, None]
+    x = (x0 + b * dgref.randn(x0.shape, g)).requires_grad_(True)
+    grad, = torch.autograd.grad(disc(x, s).sum(), x)
+    per = math.log(40000) / s ** 2 * (0.5 * x + b ** 2 * grad - x0).detach().pow(2).sum((1, 2, 3))
+    nr, nf = dgref.randn(x0.shape, g), dgref.randn(xf.shape, g)
+    per = per + 0.5 * (sp(-disc(x0 + b * nr, s)) + sp(disc(xf + b * nf, s)))
+    torch.testing.assert_close(kl, per.mean(), rtol=1e-5, atol=0)
+    for loss in (ce, kl):
+        assert loss.ndim == 0
         loss.backward()
     G = discriminator_guidance(D, disc, 2.0)
     with torch.no_grad():
