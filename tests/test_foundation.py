@@ -337,13 +337,13 @@ def test_ode_loglik_gaussian_exact_divergence(gen):
     off-centre one at sigma_max = 2000.
     """
     stds = torch.tensor([[0.3, 1.2]], dtype=DT)
-    for mean, sigma_max in (([0.0, 0.0], 80.0), ([0.5, -1.0], 2000.0)):
+    for mean, sigma_max, tol in (([0.0, 0.0], 80.0, 3e-3), ([0.5, -1.0], 2000.0, 0.01)):
         gauss = dgref.GaussianMixture(torch.tensor([mean], dtype=DT), None, stds)
         x = gauss.sample(300, generator=gen, dtype=DT)
         ll = dgref.ode_log_likelihood(gauss, x, num_steps=64, sigma_max=sigma_max,
                                       solver="rk4")
-        # 64 RK4 steps in log sigma: measured max error 7e-4 and 3e-3; tolerance 0.01
-        assert (ll - gauss.log_prob(x)).abs().max().item() < 0.01
+        # 64 RK4 steps in log sigma: measured max error 6.8e-4 and 2.6e-3; tolerance ~4x
+        assert (ll - gauss.log_prob(x)).abs().max().item() < tol
 
 
 class _Rotated:
