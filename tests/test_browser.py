@@ -1,43 +1,52 @@
-"""The built book as a reader meets it: every page of ``_toc.yml`` in headless Chromium.
+"""The built book as a reader meets it: every page of ``_toc.yml`` in headless Chromium, at
+desktop (1280 px) and phone (400 px) width.
 
-Serves ``_build/html`` on an ephemeral localhost port and, for each page, checks that math is
-typeset by MathJax (every ``.math`` element holds an ``mjx-container``; no raw ``$$`` in the
-visible text), that every ``<img>`` loaded, that no request left localhost and no local file
-was missing (HTTP >= 400), that every figure a cell drew is shown with a caption, and that
-the page raised no JavaScript error. A screenshot of the
-first chapter goes to ``_build/screenshots/`` (a CI artefact): ``NAME.png`` (the first
-screen) and ``NAME-full.png`` (the whole page).
+One browser and one tab visit every page at both widths (a few seconds a page). A page fails
+on any of the problem classes of ``tests/_browser.py`` (raw TeX, pipe-table text, clipped
+display math, display math or a table that needs sideways scrolling at desktop width, code that
+runs off the edge, clipped tables, a page wider than the phone, broken images, figures without a
+caption, untypeset math, tracebacks / warnings / stderr / progress bars in outputs, console
+errors, requests that leave localhost, not exactly one search box). At phone width a display
+equation or a table may scroll sideways (the book's CSS, book/_static/dgref.css, makes it
+scroll instead of being cut), never be clipped.
 
-Skipped, with the reason, when Chromium or the built book is absent, unless the environment
-sets ``DGREF_REQUIRE_BROWSER=1`` (``.ci/run`` does when it installed Chromium): then either is
-a failure. Build the book first (``make book``).
+Every visit saves a full-page screenshot and its findings to ``_build/screenshots/``
+(``book__NAME-WIDTH.jpg`` or ``.png`` for very long pages, and ``.json``), which CI keeps.
+The same checks run from the command line, for any set of pages::
+
+    .venv/bin/python tests/_browser.py --pages edm cfg
+
+Pages that still fail, pending their chapter's fix, are listed in ``PENDING_PAGES`` as
+``"book/NAME@WIDTH"``: they run as strict xfails, so a pending page that starts to pass
+fails the suite until it is removed from the set. Empty the set.
+
+Skipped, with the reason, when Chromium, Playwright or the built book is absent, unless the
+environment sets ``DGREF_REQUIRE_BROWSER=1`` (``.ci/run`` does when it installed Chromium):
+then any of these is a failure. Build the book first (``make book``).
 """
 from __future__ import annotations
 
-import functools
-import http.server
+import json
 import os
-import shutil
-import threading
-from urllib.parse import urlsplit
 
 import pytest
 
-from _bookfiles import ROOT, toc_files, toc_notebooks
+import _browser as B
+from _bookfiles import ROOT, toc_files
 
-HTML = ROOT / "_build" / "html"
-SCREENSHOTS = ROOT / "_build" / "screenshots"
 REQUIRE = os.environ.get("DGREF_REQUIRE_BROWSER") == "1"
-# Flags that work as root, offline (TOOLING.md); Playwright adds --headless and its own
-# fresh --user-data-dir.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 PAGES = toc_files()
-# sphinx-thebe 0.3 (pinned by Jupyter Book 1) adds its inline config script twice under
-# Sphinx 7, so the second `const THEBE_JS_URL` throws; harmless (thebe is never loaded offline).
-KNOWN_JS_ERRORS = ("Identifier 'THEBE_JS_URL' has already been declared",)
-FIRST_CHAPTER = (toc_notebooks() or PAGES or [None])[0]
+
+# Pages that fail today, pending their chapter owner's fix (issue 12). Remove an entry when
+# its page passes; a pending page that passes fails the suite (strict xfail).
+PENDING_PAGES = {
+    "book/edm@1280",            # eqs. (4), (5), (7) wider than the column
+    "book/kl_argument@1280",    # two display equations wider than the column
+    "book/ce_failure@1280",     # raw TeX (a "+ " line inside $...$), eqs. (14) (16) (17) (20)
+    "book/ce_failure@400",      # raw TeX (the same "+ " line)
+    "book/kl_objective@1280",   # eq. (21) wider than the column
+    "book/cfg@1280",            # eqs. (27), (29) wider than the column
+}
 
 
 def _unavailable(reason):
@@ -46,120 +55,101 @@ def _unavailable(reason):
     pytest.skip(reason)
 
 
-def _page_html(page):
-    return HTML / page.relative_to(ROOT).with_suffix(".html")
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    if not (HTML / "index.html").is_file():
-        _unavailable(f"the book is not built ({HTML / 'index.html'} missing; run `make book`)")
-    handler = functools.partial(_QuietHandler, directory=str(HTML))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def _params():
+    out = []
+    for page in PAGES:
+        for width in B.WIDTHS:
+            key = f"{B.page_id(page)}@{width}"
+            marks = [pytest.mark.xfail(strict=True, reason=f"{key} is in PENDING_PAGES")] \
+                if key in PENDING_PAGES else []
+            out.append(pytest.param(page, width, id=key, marks=marks))
+    return out
 
 
 @pytest.fixture(scope="module")
-def browser(server):
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
+def visitor():
+    if not (B.HTML / "index.html").is_file():
+        _unavailable(f"the book is not built ({B.HTML / 'index.html'} missing; run `make book`)")
+    if B.chromium_executable() is None:
         _unavailable("chromium is not installed (apt-get install -y chromium)")
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         _unavailable("the playwright Python package is not installed")
-    pw = sync_playwright().start()
-    try:
-        b = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
-    except Exception as exc:   # noqa: BLE001 -- report why the browser did not start
-        pw.stop()
-        _unavailable(f"chromium did not start: {exc}")
-    yield b
-    b.close()
-    pw.stop()
+    with B.serve() as server:
+        try:
+            cm = B.chromium()
+            browser = cm.__enter__()
+        except Exception as exc:   # noqa: BLE001 -- report why the browser did not start
+            _unavailable(f"chromium did not start: {exc}")
+        try:
+            v = B.Visitor(browser, server)
+            yield v
+            v.close()
+        finally:
+            cm.__exit__(None, None, None)
 
 
-_WAIT_FOR_MATHJAX = """async () => {
-  if (!(window.MathJax && MathJax.startup && MathJax.startup.promise)) return false;
-  await MathJax.startup.promise;
-  if (MathJax.typesetPromise) await MathJax.typesetPromise();
-  return true;
-}"""
-
-_WAIT_FOR_IMAGES = """async () => {
-  const imgs = [...document.images];
-  imgs.forEach(img => { img.loading = 'eager'; });
-  await Promise.all(imgs.map(img => img.complete ? null :
-      new Promise(r => { img.addEventListener('load', r); img.addEventListener('error', r); })));
-  return imgs.map(img => ({src: img.getAttribute('src'), w: img.naturalWidth,
-      output: !!img.closest('.cell_output'),
-      caption: !!(img.closest('figure') && img.closest('figure').querySelector('figcaption'))}));
-}"""
-
-_MATH_STATE = """() => {
-  const math = [...document.querySelectorAll('.math')];
-  const untypeset = math.filter(el => !el.querySelector('mjx-container'))
-                        .map(el => el.textContent.trim().slice(0, 80));
-  const body = document.body.cloneNode(true);
-  body.querySelectorAll('pre, code, script, style, mjx-assistive-mml').forEach(e => e.remove());
-  return {n_math: math.length, n_mjx: document.querySelectorAll('mjx-container').length,
-          untypeset: untypeset, text: body.innerText};
-}"""
+def test_pending_pages_exist():
+    """Every PENDING_PAGES entry names a toc page at a tested width (no stale entries)."""
+    known = {f"{B.page_id(p)}@{w}" for p in PAGES for w in B.WIDTHS}
+    assert PENDING_PAGES <= known, f"unknown entries: {sorted(PENDING_PAGES - known)}"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_page_in_browser(page, server, browser):
-    html = _page_html(page)
+@pytest.mark.parametrize("page, width", _params())
+def test_page_in_browser(page, width, visitor):
+    html = B.page_html(page)
     assert html.is_file(), f"{html.relative_to(ROOT)} is not built: rebuild the book (make book)"
-    url = f"{server}/{html.relative_to(HTML).as_posix()}"
-    host = urlsplit(server).netloc
-    requests, failed, js_errors = [], [], []
-    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
-    try:
-        tab = ctx.new_page()
-        tab.on("request", lambda r: requests.append(r.url))
-        tab.on("requestfailed", lambda r: failed.append(f"{r.url} ({r.failure})"))
-        tab.on("response", lambda r: failed.append(f"{r.url} (HTTP {r.status})")
-               if r.status >= 400 else None)
-        tab.on("pageerror", lambda e: js_errors.append(str(e))
-               if str(e) not in KNOWN_JS_ERRORS else None)
-        response = tab.goto(url, wait_until="load", timeout=60_000)
-        assert response is not None and response.ok, f"{url}: {response and response.status}"
-        has_mathjax = tab.evaluate(_WAIT_FOR_MATHJAX)
-        images = tab.evaluate(_WAIT_FOR_IMAGES)
-        state = tab.evaluate(_MATH_STATE)
-        tab.wait_for_load_state("networkidle", timeout=30_000)
-        if page == FIRST_CHAPTER:
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            tab.screenshot(path=str(SCREENSHOTS / f"{page.stem}.png"))          # first screen
-            tab.screenshot(path=str(SCREENSHOTS / f"{page.stem}-full.png"), full_page=True)
-    finally:
-        ctx.close()
+    result = visitor.inspect(page, width, B.SCREENSHOTS)
+    report = B.SCREENSHOTS / f"{B.page_id(page).replace('/', '__')}-{width}.json"
+    report.write_text(json.dumps(result, indent=1))
+    assert result["status"] == 200, f"{result['url']}: HTTP {result['status']}"
+    fails = B.failures(result)
+    msg = "\n".join(f"  {kind} ({len(items)}):\n" + "\n".join(f"    - {i}" for i in items[:8])
+                    for kind, items in fails.items())
+    assert not fails, f"{B.page_id(page)} at {width} px:\n{msg}"
 
-    outside = [u for u in requests
-               if urlsplit(u).scheme not in ("data", "blob", "about")
-               and urlsplit(u).netloc != host]
-    assert not outside, f"{page.name}: requests left localhost: {outside}"
-    assert not failed, f"{page.name}: local requests failed: {failed}"
-    broken = [i["src"] for i in images if not i["w"]]
-    assert not broken, f"{page.name}: images that did not load: {broken}"
-    uncaptioned = [i["src"] for i in images if i["output"] and not i["caption"]]
-    assert not uncaptioned, f"{page.name}: figures without a caption: {uncaptioned}"
-    if state["n_math"]:
-        assert has_mathjax, f"{page.name}: has math but MathJax did not load"
-        assert not state["untypeset"], \
-            f"{page.name}: math not typeset by MathJax: {state['untypeset'][:5]}"
-        assert state["n_mjx"] >= state["n_math"]
-    for raw in ("$$", "\\begin{", "\\["):
-        assert raw not in state["text"], \
-            f"{page.name}: raw {raw!r} in the visible text (math not parsed?)"
-    assert not js_errors, f"{page.name}: JavaScript errors: {js_errors}"
+
+# ------------------------------------------------------------- the checks' own tests
+# Each detector is shown a planted defect on a tiny page: a check that cannot fail is no check.
+
+_PLANTED = """<!doctype html><html><head><meta charset="utf-8"><style>
+ article { width: 300px; } .clip { overflow: hidden; } pre { overflow: hidden; }
+</style></head><body><div class="search-button__button">search</div><article class="bd-article">
+<section><h2>Planted</h2>
+<p>The loss $L(d) = \\tfrac12 \\mathbb{E}_p$ is raw.</p>
+<p>| a | b |
+|---|---|
+| 1 | 2 |</p>
+<div class="cell_output"><div class="output stream"><pre>Traceback (most recent call last):
+  File "x"</pre></div></div>
+<div class="cell_output"><div class="output stderr"><pre>UserWarning: something</pre></div></div>
+<div class="cell_output"><div class="output stream"><pre> 40%|####      | 4/10 [00:01&lt;00:02]</pre></div></div>
+<pre>a_very_long_line_of_code_that_does_not_fit_in_three_hundred_pixels_at_all_really_not</pre>
+<div class="clip"><table><tr><td style="white-space: nowrap">wide wide wide wide wide wide wide wide wide wide wide wide wide</td></tr></table></div>
+<img src="missing.png" alt="x">
+</section></article></body></html>"""
+
+
+def test_detectors_catch_planted_defects(visitor, tmp_path):
+    page = visitor.tab
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.set_content(_PLANTED)
+    page.evaluate(B._WAIT_FOR_IMAGES)
+    state = page.evaluate(B._INSPECT, [B.PROSE_SKIP, B.OUTPUT_SEL])
+    found = B.classify(state, {"requests": [], "failed": [], "js": []}, "x", 1280, True)
+    p = found["problems"]
+    assert p["raw_tex"] and "tfrac" in p["raw_tex"][0]
+    assert p["markdown_table"]
+    noise = " ".join(p["output_noise"])
+    assert "Traceback" in noise and "UserWarning" in noise and "40%|" in noise
+    assert p["code_cut"] and p["clipped"]
+    assert p["broken_image"] == ["missing.png"]
+    assert not p["search"]
+
+    clean = _PLANTED.split("<section>")[0] + "<section><h2>Clean</h2><p>Fine text.</p>" \
+        "</section></article></body></html>"
+    page.set_content(clean)
+    state = page.evaluate(B._INSPECT, [B.PROSE_SKIP, B.OUTPUT_SEL])
+    found = B.classify(state, {"requests": [], "failed": [], "js": []}, "x", 1280, True)
+    assert not any(found["problems"].values()), found["problems"]
