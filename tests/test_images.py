@@ -307,7 +307,8 @@ _TINY = {"classifier": {"width": 4, "feature_dim": 8, "steps": 3, "batch_size": 
 
 
 def test_experiment_cache_survives_rerun(tmp_path):
-    from dgref.image_experiment import ImagesExperiment, format_metrics_table, images_config
+    from dgref.image_experiment import (ImagesExperiment, format_loss_gap_table,
+                                        format_metrics_table, images_config)
     cfg = images_config(True, seed=0, overrides=_TINY)
     first = ImagesExperiment(cfg, device="cpu", cache_dir=tmp_path, log=None)
     rows = first.run()
@@ -315,6 +316,11 @@ def test_experiment_cache_survives_rerun(tmp_path):
     assert set(rows) == {"heldout", "base", "ce", "kl", "noise", "shuffled"}
     assert rows["base"]["n"] == 24 and "frechet_diff_ci" in rows["kl"]
     assert "KL-objective" in format_metrics_table(rows)
+    # loss gaps of both discriminators on the same held-out digits and draws
+    assert set(first.loss_gaps) == {"ce", "kl"}
+    assert first.loss_gaps["ce"].A.shape == (first.data.x_heldout.shape[0],)
+    assert "best w_f" in format_loss_gap_table(first.loss_gaps)
+    assert first.class_changes("ce").ndim == 1
     second = ImagesExperiment(cfg, device="cpu", cache_dir=tmp_path, log=None)
     second.run()
     assert all(second.cache_hits.values()) and len(second.cache_hits) == 7
@@ -381,3 +387,98 @@ def test_experiment_does_not_depend_on_global_seed(tmp_path):
         ex.train_denoiser()
         states.append(ex.denoiser.net.out.weight.clone())
     assert torch.equal(states[0], states[1])
+
+
+# ------------------------------------------------------------------------------------ loss gap
+
+class _LinearLogit(torch.nn.Module):
+    """``d(x, sigma) = c <v, x>``: its input gradient is ``c v`` everywhere."""
+
+    def __init__(self, v, c):
+        super().__init__()
+        self.v, self.c = v, c
+
+    def forward(self, x, sigma):
+        return self.c * (x * self.v).flatten(1).sum(1)
+
+
+def test_loss_gap_terms_match_closed_form(gen):
+    """With ``D(x) = a x`` and ``grad d = c v`` the gap has a closed form:
+    ``w^2 c^2 |v|^2 (hi^2 - lo^2)/2 + 2 w c (a - 1) mean<v, x0> ln(hi/lo)``."""
+    from dgref.image_experiment import LossGap, loss_gap_terms
+    x0 = torch.randn(400, 1, 3, 3, generator=gen)
+    v = torch.randn(1, 1, 3, 3, generator=gen)
+    a, c, lo, hi = 0.7, 0.3, 0.1, 2.0
+    A, B, C = loss_gap_terms(lambda x, s: a * x, _LinearLogit(v, c), x0, window=(lo, hi),
+                             draws=64, generator=torch.Generator().manual_seed(1))
+    vx = float((x0 * v).flatten(1).sum(1).mean())
+    L = math.log(hi / lo)
+    assert math.isclose(float(A.mean()), c * c * float(v.pow(2).sum()) * (hi ** 2 - lo ** 2) / 2,
+                        rel_tol=0.02)
+    assert math.isclose(float(B.mean()), c * (a - 1) * vx * L, rel_tol=0.05, abs_tol=0.01)
+    # with a constant denoiser D = b, B_i = c ln(hi/lo) <v, b - x0_i> for every example exactly
+    b = 0.2
+    _, B2, C2 = loss_gap_terms(lambda x, s: torch.full_like(x, b), _LinearLogit(v, c), x0,
+                               window=(lo, hi), draws=3, generator=torch.Generator().manual_seed(2))
+    per = c * L * ((b - x0) * v).flatten(1).sum(1).double()
+    assert torch.allclose(B2, per, rtol=1e-5, atol=1e-6)
+    gap = LossGap(A, B, C, (lo, hi))
+    m, lo_ci, hi_ci = gap.estimate(2.0)
+    assert lo_ci < m < hi_ci and math.isclose(m, float((4 * A + 4 * B).mean()), rel_tol=1e-12)
+    # the best weight minimises the mean gap, and its gap is -B^2/A
+    best = gap.best_weight(num_boot=50)
+    for w in (best["weight"] - 0.1, best["weight"] + 0.1):
+        assert gap.estimate(w)[0] > best["gap"]
+    assert math.isclose(best["gap"], gap.estimate(best["weight"])[0], rel_tol=1e-9)
+    # paired difference against itself is exactly zero
+    assert gap.difference(gap, 1.0) == (0.0, 0.0, 0.0)
+
+
+def test_loss_gap_is_the_kl_objective_difference():
+    """``C + 2 w B + w^2 A`` is the KL objective of ``D + w sigma^2 grad d`` on the window,
+    draw by draw: checked against :func:`dgref.kl_loss` at the same levels and noise."""
+    from dgref.image_experiment import loss_gap_terms
+    disc = ImageDiscriminator(8, channels=(4, 8), generator=dgref.make_generator(0))
+    den = unet_denoiser(8, channels=(4, 8), generator=dgref.make_generator(1))
+    torch.nn.init.normal_(den.net.out.weight, std=0.05)
+    x0 = load_digit_images(8, seed=0).x_heldout[:6]
+    lo, hi = 0.045, 20.0
+    A, B, C = loss_gap_terms(den, disc, x0, window=(lo, hi), draws=1,
+                             generator=torch.Generator().manual_seed(3))
+
+    def kl(d):
+        # replay the draws: one stratum, so ln sigma = ln lo + U ln(hi/lo); then the noise,
+        # which kl_loss draws from the same generator
+        g = torch.Generator().manual_seed(3)
+        u = torch.rand((6, 1), generator=g, dtype=torch.float64)[:, 0]
+        sigma = (math.log(lo) + u * math.log(hi / lo)).exp().float()
+        return dgref.kl_loss(d, den, x0, sigma=sigma, sigma_min=lo, sigma_max=hi, generator=g,
+                             reduction="none").double()
+    with_d = kl(disc)
+    without = kl(_LinearLogit(torch.zeros(1, 1, 8, 8), 0.0))
+    assert torch.allclose(without, C, rtol=1e-4)
+    assert torch.allclose(with_d - without, A + 2 * B, rtol=1e-3, atol=1e-3 * float(C.mean()))
+    assert float((A + 2 * B).abs().max()) > 1e-3        # the check has something to check
+
+
+def test_field_weight_and_regimes(tmp_path):
+    from dgref.image_experiment import ImagesExperiment, field_weight, images_config
+    assert field_weight(2.0, "euler") == 1.0 and field_weight(2.0, "both") == 2.0
+    with pytest.raises(ValueError, match="slopes"):
+        field_weight(2.0, "heun")
+    with pytest.raises(ValueError, match="regime"):
+        images_config(True, regime="overtrained")
+    trained = images_config(True, seed=0, overrides=_TINY)
+    under = images_config(True, seed=0, regime="undertrained",
+                          overrides={k: v for k, v in _TINY.items() if k != "denoiser"})
+    assert under["denoiser"]["steps"] == 150 and under["regime"] == "undertrained"
+    assert trained["guidance"] == {"weight": 2.0, "window": [0.045, 20.0], "slopes": "euler"}
+    assert trained["discriminator"]["ce_sigma_dist"] == "loguniform"
+    # the regimes share the classifier's cache entry (it does not depend on the denoiser)
+    a = ImagesExperiment(trained, device="cpu", cache_dir=tmp_path, log=None)
+    a.load_data()
+    a.train_classifier()
+    b = ImagesExperiment(under, device="cpu", cache_dir=tmp_path, log=None)
+    b.load_data()
+    b.train_classifier()
+    assert a.cache_hits == {"classifier": False} and b.cache_hits == {"classifier": True}
