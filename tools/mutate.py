@@ -249,11 +249,14 @@ def rule_equivalent(diff: list[str]) -> str | None:
     if len(minus) != 1 or len(plus) != 1:
         return None
     old, new = minus[0], plus[0]
-    same_outside_strings = _STRING.sub('""', old) == _STRING.sub('""', new)
-    if same_outside_strings and re.search(r"\bcheck_\w+\(|\bdesc=|\bwhat=", old):
-        if re.search(r"XX|[A-Z]{3}", new):
-            return ("message text only: the argument name in an error message or a progress "
-                    "label (the bad-input tests match the name; the text still contains it)")
+    if _STRING.sub('""', old) != _STRING.sub('""', new):
+        return None                         # more than string literals changed
+    pairs = [(a[1:-1], b[1:-1]) for a, b in zip(_STRING.findall(old), _STRING.findall(new))
+             if a != b]
+    wrapped = pairs and all(b == "XX" + a + "XX" for a, b in pairs)
+    if wrapped and re.search(r"\bcheck_\w+\(|\bdesc=|\bwhat=", old):
+        return ("message text only: 'XX' around an argument name in an error message or "
+                "around a progress label (the message still contains the name)")
     return None
 
 
