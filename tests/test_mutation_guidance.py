@@ -40,12 +40,14 @@ def test_extra_arguments_reach_the_denoiser_only():
     torch.testing.assert_close(G(X, SIG, 0.25, bias=1.0), ref, rtol=0, atol=1e-14)
 
 
-def test_sigma_as_a_number_follows_x():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_as_a_number_follows_x(dtype):
+    """A number sigma becomes a (B,) tensor of x's dtype: bitwise the same as passing it."""
     G = dgref.ScoreCorrectedDenoiser(_base, _field, 2.0, window=(0.1, 3.0))
-    x32 = X.float()
-    out = G(x32, 0.7)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, G(x32, torch.full((5,), 0.7)), rtol=0, atol=0)
+    x = X.to(dtype)
+    out = G(x, 0.7)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, G(x, torch.full((5,), 0.7, dtype=dtype)), rtol=0, atol=0)
 
 
 def test_bad_input_is_named():
