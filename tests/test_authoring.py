@@ -1,4 +1,4 @@
-"""Authoring rules for the book's pages, checked statically (no execution, under a second).
+"""Authoring rules for the book's pages, checked statically (no execution, no build; seconds).
 
 The rules (the long form, with examples, is in the authors' guide; this docstring is the
 contract the tests below enforce):
