@@ -5,7 +5,12 @@ Nothing here names a chapter: every test that uses it works for whatever ``_toc.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import numbers
 import re
+import time
+from datetime import timezone
 from pathlib import Path
 
 import nbformat
@@ -155,9 +160,23 @@ def setup_call(nb):
     return None, {}
 
 
+def quick_parameters(path: Path, seed: int) -> dict:
+    """``seed``, ``device="cpu"``, ``quick=True`` and each declared size at its quick default
+    (read from the chapter's ``setup_chapter(..., sizes={...})`` call)."""
+    nb = read_notebook(path)
+    _, cell = parameters_cell(nb)
+    declared = parse_parameters(cell.source) if cell is not None else {}
+    _, sizes = setup_call(nb)
+    params = {"seed": seed, "device": "cpu", "quick": True}
+    for name, (par, quick_default, _full) in sizes.items():
+        if (par is not None and par in declared and declared[par] is None
+                and isinstance(quick_default, (numbers.Real, str)) and par == name):
+            params[par] = quick_default
+    return params
+
+
 def printed_parameters(nb) -> list[dict]:
     """Every ``dgref-parameters: {json}`` record printed by an executed notebook."""
-    import json
     records = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -194,3 +213,204 @@ def notebook_figure_names(path: Path) -> list[str]:
         if isinstance(fig, dict) and fig.get("name"):
             names.append(fig["name"])
     return names
+
+
+# --- The chapter runs `make book` made, and when a test may reuse them ----------------------
+#
+# `make book` records, before anything runs, a digest of everything a chapter's run depends
+# on (``book_inputs()``) in ``_build/book-inputs.json.new``; executes every chapter into the
+# jupyter-cache ``_build/.jupyter_cache`` (``execute_book``, two at a time), from which
+# jupyter-book renders the pages; and renames the record to ``_build/book-inputs.json`` only
+# when the whole build (-W: no failing cell, no warning) passed. A test reuses a cached run
+# instead of executing the chapter again only when ``reusable_book_run`` finds it is the
+# current chapter run against the current package. (In cache mode MyST-NB writes the
+# *unexecuted* notebook to ``_build/jupyter_execute/``, so the runs are read from the cache.)
+
+INPUTS_RECORD = ROOT / "_build" / "book-inputs.json"
+BOOK_CACHE = ROOT / "_build" / ".jupyter_cache"
+# What a chapter's run reads besides its own notebook: the package, the benchmark code and
+# its recorded tables, the book configuration and the pinned requirements.
+INPUT_DIRS = ("dgref", "benchmarks")
+INPUT_FILES = ("_config.yml", "_toc.yml", "requirements.txt")
+
+
+def _sha(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def package_digest(root: Path = ROOT) -> str:
+    """sha256 over the path and bytes of every file the chapters' runs read (INPUT_DIRS,
+    INPUT_FILES), ``__pycache__`` and ``*.pyc`` left out."""
+    files = []
+    for d in INPUT_DIRS:
+        files += [p for p in (root / d).rglob("*") if p.is_file()
+                  and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    files += [root / f for f in INPUT_FILES if (root / f).is_file()]
+    parts = []
+    for p in sorted(files):
+        parts += [p.relative_to(root).as_posix(), p.read_bytes()]
+    return _sha(parts)
+
+
+def code_sources(nb) -> list[str]:
+    """The sources of a notebook's code cells, papermill's injected-parameters cell left out."""
+    return [c.source for c in nb.cells
+            if c.cell_type == "code" and "injected-parameters" not in cell_tags(c)]
+
+
+def chapter_digest(nb) -> str:
+    """sha256 of what executing a chapter runs: its kernel, its code cells and their tags."""
+    kernel = nb.metadata.get("kernelspec", {}).get("name", "")
+    return _sha([kernel] + [f"{sorted(cell_tags(c))}\n{c.source}" for c in nb.cells
+                            if c.cell_type == "code"])
+
+
+def book_inputs(root: Path = ROOT) -> dict:
+    """The record `make book` writes before building (see INPUTS_RECORD)."""
+    return {"started": time.time(), "package": package_digest(root),
+            "chapters": {p.relative_to(root).as_posix(): chapter_digest(read_notebook(p))
+                         for p in toc_notebooks(root)}}
+
+
+def reusable_book_run(path: Path, root: Path = ROOT):
+    """``(notebook, None)`` when the last `make book` executed this chapter as it is now
+    (the notebook as the book rendered it: the chapter with the cached run's outputs), else
+    ``(None, reason)``.
+
+    Reusable means: `make book` completed (the record exists); the package and the other
+    inputs are byte-identical to what it ran against; the chapter's code is what it ran; the
+    cache holds a run of exactly this code (jupyter-cache matches on the code cells and their
+    metadata) made during that `make book`.
+    """
+    rel = path.relative_to(root).as_posix()
+    record_path = root / "_build" / INPUTS_RECORD.name
+    cache_dir = root / "_build" / BOOK_CACHE.name
+    if not record_path.is_file():
+        return None, f"no completed `make book` ({record_path.relative_to(root)} missing)"
+    record = json.loads(record_path.read_text())
+    if record.get("package") != package_digest(root):
+        return None, f"{', '.join(INPUT_DIRS + INPUT_FILES)} changed since `make book`"
+    source = read_notebook(path)
+    if record.get("chapters", {}).get(rel) != chapter_digest(source):
+        return None, f"{rel} changed since `make book`"
+    if not (cache_dir / "global.db").is_file():
+        return None, f"{cache_dir.relative_to(root)} missing"
+    from jupyter_cache import get_cache
+    cache = get_cache(str(cache_dir))
+    try:
+        cached = cache.match_cache_notebook(source)
+    except KeyError:
+        return None, f"{cache_dir.relative_to(root)} holds no run of {rel}"
+    created = cached.created       # stored in UTC; SQLite gives it back without a zone
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    if created.timestamp() < record.get("started", float("inf")):
+        return None, f"the cached run of {rel} is older than the last `make book`"
+    _, nb = cache.merge_match_into_notebook(source)    # matched on code and cell metadata
+    return nb, None
+
+
+def execute_settings(root: Path = ROOT) -> dict:
+    """``timeout`` and ``allow_errors`` from ``_config.yml``'s ``execute`` section."""
+    cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    ex = cfg.get("execute") or {}
+    return {"timeout": ex.get("timeout", 30), "allow_errors": bool(ex.get("allow_errors", False))}
+
+
+def execute_notebook(nb, cwd: Path, *, timeout: int, allow_errors: bool = False,
+                     kernel_name: str | None = None) -> tuple[float, str | None]:
+    """Execute ``nb`` in place the way MyST-NB does (jupyter-cache's ``single_nb_execution``:
+    nbclient, working directory ``cwd``, ``raises-exception`` and ``skip-execution`` tags
+    honoured). Returns ``(seconds, None)``, or ``(seconds, traceback)`` when a cell failed
+    or the kernel died; ``nb`` then holds the outputs up to the failure."""
+    from jupyter_cache.executors.utils import single_nb_execution
+    t0 = time.perf_counter()
+    kwargs = {"kernel_name": kernel_name} if kernel_name else {}
+    try:
+        res = single_nb_execution(nb, cwd=str(cwd), timeout=timeout, allow_errors=allow_errors,
+                                  meta_override=True, startup_timeout=180, **kwargs)
+    except Exception as exc:      # the kernel died or did not start
+        import traceback
+        return time.perf_counter() - t0, "".join(traceback.format_exception(exc))
+    return res.time, (res.exc_string if res.err is not None else None)
+
+
+def _execute_chapter(path: Path, settings: dict) -> tuple[str, float, str | None]:
+    nb = read_notebook(path)
+    seconds, error = execute_notebook(nb, path.parent, **settings)
+    return nbformat.writes(nb), seconds, error
+
+
+def execute_book(cache_dir: Path, config_out: Path, workers: int, root: Path = ROOT) -> int:
+    """Execute every chapter of the toc, ``workers`` at a time, into a jupyter-cache at
+    ``cache_dir``, and write ``config_out``: ``_config.yml`` with ``execute_notebooks: cache``
+    on that cache, so that ``jupyter-book build --config config_out`` renders these runs
+    instead of executing the chapters again one after another. A chapter that failed is left
+    out of the cache: the build then executes it itself and reports it as it always does.
+    Returns the number of chapters that failed."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    settings = execute_settings(root)
+    cache = get_cache(str(cache_dir))
+    failed = 0
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        jobs = {pool.submit(_execute_chapter, p, settings): p for p in toc_notebooks(root)}
+        for job in as_completed(jobs):
+            path = jobs[job]
+            text, seconds, error = job.result()
+            rel = path.relative_to(root).as_posix()
+            if error is not None:
+                failed += 1
+                print(f"book: {rel} FAILED after {seconds:.1f} s; jupyter-book will run it again "
+                      f"and report it:\n{error[-3000:]}", flush=True)
+                continue
+            nb = nbformat.reads(text, as_version=4)
+            cache.cache_notebook_bundle(CacheBundleIn(nb, str(path),
+                                                      data={"execution_seconds": seconds}),
+                                        check_validity=False, overwrite=True)
+            print(f"book: {rel} executed in {seconds:.1f} s", flush=True)
+    print(f"book: {len(jobs)} chapters executed, {workers} at a time, in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    write_book_config(cache_dir, config_out, root)
+    return failed
+
+
+def write_book_config(cache_dir: Path, config_out: Path, root: Path = ROOT) -> None:
+    """``_config.yml`` with ``execute_notebooks: cache`` on ``cache_dir``, written to
+    ``config_out`` (paths that jupyter-book reads relative to the config file made absolute)."""
+    cfg = yaml.safe_load((root / "_config.yml").read_text()) or {}
+    ex = cfg.get("execute") or {}
+    cfg["execute"] = {**ex, "execute_notebooks": "cache", "cache": str(Path(cache_dir).resolve())}
+    local = (cfg.get("sphinx") or {}).get("local_extensions") or {}
+    for name, where in local.items():     # sys.path entries, relative to the config file
+        local[name] = str((root / where).resolve())
+    config_out.parent.mkdir(parents=True, exist_ok=True)
+    config_out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+if __name__ == "__main__":
+    # What `make book` runs before `jupyter-book build` (see the Makefile):
+    #   python tests/_bookfiles.py --record-inputs PATH [--execute-into DIR --config-out PATH]
+    import argparse
+    ap = argparse.ArgumentParser(description="Record the book's inputs (see book_inputs); "
+                                 "optionally execute its chapters in parallel (execute_book).")
+    ap.add_argument("--record-inputs", metavar="PATH", required=True, type=Path)
+    ap.add_argument("--execute-into", metavar="CACHE_DIR", type=Path)
+    ap.add_argument("--config-out", metavar="PATH", type=Path)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    args.record_inputs.parent.mkdir(parents=True, exist_ok=True)
+    args.record_inputs.write_text(json.dumps(book_inputs(), indent=1) + "\n")
+    if args.execute_into is not None:
+        if args.config_out is None:
+            ap.error("--execute-into needs --config-out")
+        execute_book(args.execute_into, args.config_out, args.workers)
