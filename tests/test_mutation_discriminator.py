@@ -247,3 +247,81 @@ def test_guidance_defaults_and_sampler_kwargs():
                                q(x, s / 2) + 2.0 * disc.grad(x, s / 2), rtol=1e-12, atol=0)
     d = dgref.oracle_logit(dgref.ring(), q)
     assert d.sigma_data == pytest.approx(dgref.ring().std(), rel=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges, band edges, numbers for sigma, and bad input named exactly
+# --------------------------------------------------------------------------------------------
+def test_level_range_and_density_band_edges():
+    from dgref.discriminator import _sigma_density
+    with pytest.raises(ValueError, match=r"^sigma_min must be < sigma_max"):
+        sample_training_sigmas(4, sigma_dist="loguniform", sigma_min=1.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match=r"^sigma_min must be"):
+        sample_training_sigmas(4, sigma_dist="loguniform", sigma_min=-1.0)
+    with pytest.raises(ValueError, match=r"^sigma_max must be"):
+        sample_training_sigmas(4, sigma_dist="loguniform", sigma_max=-1.0)
+    with pytest.raises(ValueError, match=r"^batch must be"):
+        sample_training_sigmas(0)
+    # the tolerance band's edges themselves are inside
+    lo, hi = 0.5, 2.0
+    lv = torch.tensor([lo * (1 - 1e-6), hi * (1 + 1e-6)], dtype=DT)
+    d = _sigma_density(lv, "loguniform", -1.2, 1.2, lo, hi)
+    torch.testing.assert_close(d, 1 / (lv * math.log(4.0)), rtol=1e-14, atol=0)
+    s, _ = sample_training_sigmas(3)
+    assert s.dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            sample_training_sigmas(3, device="cuda")
+
+
+def test_objectives_take_sigma_as_a_number_and_check_levels():
+    x0, xf = _data()
+    disc, q = _Quad(), dgref.ring().reweighted(stds=0.3)
+    full = torch.full((8,), 0.37, dtype=DT)
+    for fn in (lambda s: dgref.ce_loss(disc, x0, xf, sigma=s, generator=_g(1), reduction="none"),
+               lambda s: dgref.kl_loss(disc, q, x0, sigma=s, generator=_g(1), gamma=0.5,
+                                       x_fake=xf, reduction="none")):
+        torch.testing.assert_close(fn(0.37), fn(full), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside"):
+        dgref.kl_loss(disc, q, x0, sigma=torch.full((8,), 100.0, dtype=DT))
+    # the EDM weighting has no range
+    dgref.kl_loss(disc, q, x0, sigma=torch.full((8,), 100.0, dtype=DT), weighting="edm")
+
+
+def test_objectives_bad_input_named_exactly():
+    x0, xf = _data()
+    disc, q = _Quad(), dgref.ring().reweighted(stds=0.3)
+    one = torch.zeros(8, dtype=DT)
+    with pytest.raises(ValueError, match=r"^x_real must have at least 2"):
+        dgref.ce_loss(disc, one, one)
+    with pytest.raises(ValueError, match=r"^x_fake must have at least 2"):
+        dgref.ce_loss(disc, x0, one)
+    with pytest.raises(ValueError, match=r"^x0 must have at least 2"):
+        dgref.kl_loss(disc, q, one)
+    with pytest.raises(ValueError, match=r"^x_fake must have at least 2"):
+        dgref.kl_loss(disc, q, x0, gamma=1.0, x_fake=one)
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(8,\)"):
+        dgref.ce_loss(disc, x0, xf, sigma=torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(8,\)"):
+        dgref.kl_loss(disc, q, x0, sigma=torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match=r"^gamma must be"):
+        dgref.kl_loss(disc, q, x0, gamma=-1.0, x_fake=xf)
+    with pytest.raises(ValueError, match=r"^sigma_data must be"):
+        dgref.kl_loss(disc, q, x0, weighting="edm", sigma_data=-1.0)
+    with pytest.raises(ValueError, match=r"^denoiser returned shape \(8, 1\), expected x0's"):
+        dgref.kl_loss(disc, lambda x, s: x[:, :1], x0)
+    # every documented option is accepted
+    dgref.ce_loss(disc, x0, xf, weighting="loguniform", generator=_g(0))
+    dgref.kl_loss(disc, q, x0, weighting="edm", generator=_g(0))
+
+
+def test_sampler_kwargs_keep_the_window():
+    q = dgref.ring().reweighted(stds=0.3)
+    disc = _Quad()
+    x = torch.randn(6, 2, generator=_g(3), dtype=DT)
+    s = torch.full((6,), 2.0, dtype=DT)
+    for slopes in ("euler", "both"):
+        kw = dg_sampler_kwargs(q, disc, 2.0, (0.5, 1.5), slopes=slopes)
+        torch.testing.assert_close(kw["denoiser"](x, s), q(x, s), rtol=0, atol=0)
+        torch.testing.assert_close(kw["denoiser"](x, s / 2),
+                                   q(x, s / 2) + 2.0 * disc.grad(x, s / 2), rtol=1e-12, atol=0)

@@ -362,6 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=None,
                     help="run a seeded uniform sample of this many mutants")
     ap.add_argument("--seed", type=int, default=15)
+    ap.add_argument("--only", help="comma-separated globs of mutant names to run, e.g. "
+                    "'dgref.edm.x_edm_sampler_iter*' (the report then covers those)")
     ap.add_argument("--rerun", action="store_true",
                     help="re-run only the last run's survivors, with the current tests")
     ap.add_argument("--report-only", action="store_true", help="no run: report the last one")
@@ -393,15 +395,20 @@ def main(argv=None) -> int:
             prepare(work, modules, tests, fresh=True)
             log(f"mutating {len(modules)} modules against {len(tests)} test files in {work}")
             t0 = time.time()
-            if args.sample:
+            if args.sample or args.only:
                 generate(exe, work, args.nice)
                 population = all_mutants(work)
+                if args.only:
+                    import fnmatch
+                    pats = args.only.split(",")
+                    population = [n for n in population
+                                  if any(fnmatch.fnmatch(n, p) for p in pats)]
                 import random
                 names = sorted(random.Random(args.seed).sample(
-                    population, min(args.sample, len(population))))
+                    population, min(args.sample or len(population), len(population))))
                 (work / "sample.json").write_text(json.dumps(
                     {"seed": args.seed, "population": population, "sample": names}, indent=0))
-                log(f"{len(population)} mutants; running a sample of {len(names)} "
+                log(f"{len(population)} mutants; running {len(names)} of them "
                     f"(seed {args.seed})")
                 run_mutmut(exe, work, names, args.max_children, args.nice)
             else:
