@@ -45,7 +45,6 @@ PENDING_PAGES = {
     "book/ce_failure@1280",     # raw TeX (a "+ " line inside $...$), eqs. (14) (16) (17) (20)
     "book/ce_failure@400",      # raw TeX (the same "+ " line)
     "book/kl_objective@1280",   # eq. (21) wider than the column
-    "book/cfg@1280",            # eqs. (27), (29) wider than the column
 }
 
 
