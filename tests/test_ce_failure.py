@@ -129,3 +129,22 @@ def test_bad_arguments_raise():
         oscillation(0.1, 1.0, scale=0.0)
     with pytest.raises(ValueError, match="omega"):
         oscillation(0.1, [1.0, 2.0])(torch.zeros(3, 1), torch.ones(3))
+
+
+def test_oscillation_and_its_correction_share_one_gaussian_taper(gen):
+    # kl_argument and ce_failure use the same construction: delta = eps sin(omega.x) a(sigma),
+    # a(sigma) = exp(-sigma^2 / (2 s^2)), and the correction adds exactly grad delta.
+    p = dgref.ring()
+    q = p.reweighted(weights=torch.tensor([3.0, 1.0] * 4) / 16, stds=0.22)
+    eps, omega, s = 0.1, [5.0, 0.0], 0.7
+    x = 2 * torch.randn(64, 2, generator=gen, dtype=torch.float64)
+    w = torch.tensor(omega, dtype=torch.float64)
+    oracle = dgref.oracle_correction(p, q)
+    for sig in (0.0, 0.3, 1.0, 3.0):
+        sigma = torch.full((64,), sig, dtype=torch.float64)
+        taper = math.exp(-sig ** 2 / (2 * s ** 2))
+        torch.testing.assert_close(oscillation(eps, omega, s)(x, sigma),
+                                   eps * torch.sin(x @ w) * taper, rtol=1e-12, atol=1e-15)
+        corr = oscillation_correction(p, q, eps, omega, s)(x, sigma) - oracle(x, sigma)
+        torch.testing.assert_close(corr, (eps * torch.cos(x @ w) * taper)[:, None] * w[None],
+                                   rtol=1e-9, atol=1e-12)
