@@ -171,10 +171,26 @@ def _sigma_density(sigma, sigma_dist, P_mean, P_std, sigma_min, sigma_max):
 # ---------------------------------------------------------------------------------------------
 # The two objectives
 # ---------------------------------------------------------------------------------------------
+def _ce_sigma_dist(sigma_dist, weighting):
+    """The level distribution of :func:`ce_loss` from ``sigma_dist`` (and the old ``weighting``)."""
+    if weighting is not None:
+        if weighting != "loguniform":
+            raise ValueError(
+                f"weighting={weighting!r} is not an argument of ce_loss any more: the level "
+                f"distribution is sigma_dist ('lognormal' or 'loguniform'; the old "
+                f"weighting='uniform' is sigma_dist='lognormal'), and weighting means only a "
+                f"loss weight lambda(sigma), which the cross-entropy does not have")
+        if sigma_dist not in (None, "loguniform"):
+            raise ValueError(f"weighting='loguniform' (old spelling of sigma_dist='loguniform') "
+                             f"contradicts sigma_dist={sigma_dist!r}")
+        sigma_dist = "loguniform"
+    return _check_dist("lognormal" if sigma_dist is None else sigma_dist)
+
+
 def ce_loss(disc, x_real: torch.Tensor, x_fake: torch.Tensor, *, generator=None, sigma=None,
-            P_mean: float = -1.2, P_std: float = 1.2, weighting: str = "uniform",
-            sigma_min: float = 0.002, sigma_max: float = 80.0, reduction: str = "mean"
-            ) -> torch.Tensor:
+            sigma_dist: str | None = None, P_mean: float = -1.2, P_std: float = 1.2,
+            sigma_min: float = 0.002, sigma_max: float = 80.0, reduction: str = "mean",
+            weighting: str | None = None) -> torch.Tensor:
     """Time-weighted binary cross-entropy of a discriminator, in logit form (book eq. kl_objective-ce).
 
     ``L_CE = E_sigma [ E_{p_sigma} softplus(-d) + E_{q_sigma} softplus(d) ]`` (Kim et al. 2023):
@@ -182,12 +198,18 @@ def ce_loss(disc, x_real: torch.Tensor, x_fake: torch.Tensor, *, generator=None,
     noised at the *same* levels ``sigma`` ``(B,)``; ``softplus`` keeps it stable for any logit.
     Its pointwise optimum is ``d* = log p_sigma/q_sigma``.
 
-    Weighting (how the noise levels are drawn; each drawn level has weight 1):
-    ``"uniform"``: ``ln sigma ~ N(P_mean, P_std^2)`` as in EDM training (our default).
-    ``"loguniform"``: ``ln sigma`` uniform on ``[sigma_min, sigma_max]``; this is our reading of
-    Kim et al.'s importance sampling proportional to ``g^2/sigma^2`` moved to EDM coordinates
-    (``g^2 dt = 2 sigma dsigma``, so ``g^2/sigma^2 dt = 2 dln sigma``). Pass ``sigma`` to fix the
-    levels. ``reduction="none"`` returns the per-pair ``(B,)`` values.
+    ``sigma_dist`` says how the noise levels are drawn (each drawn level has loss weight 1):
+    ``"lognormal"`` (the default): ``ln sigma ~ N(P_mean, P_std^2)`` as in EDM training.
+    ``"loguniform"``: ``ln sigma`` uniform on ``[sigma_min, sigma_max]``, DG as published
+    (Kim et al. 2023): their VP likelihood-weighting importance sampling, density proportional
+    to ``g^2/sigma_VP^2`` in VP time, is ``d ln(e^B - 1) = d ln sigma^2`` in EDM's
+    ``sigma^2 = e^B - 1`` (``B(t) = int_0^t beta``), i.e. log-uniform in sigma. Pass ``sigma`` to
+    fix the levels. ``reduction="none"`` returns the per-pair ``(B,)`` values.
+
+    ``weighting`` is not a level distribution any more (it names only a loss weight
+    ``lambda(sigma)``, which cross-entropy does not have): ``weighting="uniform"`` (which drew
+    log-normal levels) raises; ``weighting="loguniform"`` is accepted for now as the old spelling
+    of ``sigma_dist="loguniform"`` (callers: please move to ``sigma_dist``).
     """
     check_tensor("x_real", x_real, min_ndim=2)
     check_tensor("x_fake", x_fake, min_ndim=2)
@@ -196,11 +218,9 @@ def ce_loss(disc, x_real: torch.Tensor, x_fake: torch.Tensor, *, generator=None,
                          f"and {tuple(x_fake.shape)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if weighting not in ("uniform", "loguniform"):
-        raise ValueError(f"weighting must be 'uniform' or 'loguniform', got {weighting!r}")
+    dist = _ce_sigma_dist(sigma_dist, weighting)
     B = x_real.shape[0]
     if sigma is None:
-        dist = "lognormal" if weighting == "uniform" else "loguniform"
         sigma, _ = sample_training_sigmas(B, sigma_dist=dist, P_mean=P_mean, P_std=P_std,
                                           sigma_min=sigma_min, sigma_max=sigma_max,
                                           generator=generator, device=x_real.device,
@@ -418,8 +438,9 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
     ``x_real`` / ``x_fake`` are tensors ``(N, ...)`` (batches drawn with replacement, so a small
     ``N`` means a finite training set) or objects with ``sample(n, generator=)`` (a fresh
     sample every step). ``objective="ce"`` needs ``x_fake``; ``"kl"`` needs the frozen
-    ``denoiser`` (and ``x_fake`` only when ``gamma > 0``). ``weighting`` defaults to
-    ``"uniform"`` for CE and ``"kl"`` for KL. Adam (AdamW when ``weight_decay > 0``) at ``lr``,
+    ``denoiser`` (and ``x_fake`` only when ``gamma > 0``). ``sigma_dist`` (in
+    ``loss_kwargs``) draws the levels; ``weighting`` is the KL objective's loss weight (default
+    ``"kl"``; see :func:`ce_loss` for CE). Adam (AdamW when ``weight_decay > 0``) at ``lr``,
     constant or with ``lr_schedule="cosine"`` decay. Stops with :class:`dgref.NonFiniteError` at
     the first non-finite loss or gradient, naming the step and the last finite loss.
     ``check_every`` (default 1 on the CPU, 32 on a GPU) is how many steps run between two
@@ -450,8 +471,10 @@ def discriminator_training_loop(disc: nn.Module, *, objective: str = "ce", x_rea
         raise ValueError(f"objective={objective!r} with gamma={gamma} needs x_fake")
     if objective == "kl" and denoiser is None:
         raise ValueError("objective='kl' needs the frozen model's denoiser")
-    if weighting is None:
-        weighting = "uniform" if objective == "ce" else "kl"
+    if objective == "ce":
+        _ce_sigma_dist(loss_kwargs.get("sigma_dist"), weighting)   # bad input fails before training
+    elif weighting is None:
+        weighting = "kl"
     for name, data in (("x_real", x_real), ("x_fake", x_fake)):
         if isinstance(data, torch.Tensor):
             check_tensor(name, data, min_ndim=2, finite=True)

@@ -338,3 +338,45 @@ def test_image_shaped_data():
     losses = train_discriminator(disc, objective="kl", x_real=x0, denoiser=D, steps=3,
                                  batch_size=4, generator=torch.Generator().manual_seed(1))
     assert len(losses) == 3
+
+
+def test_ce_loss_level_vocabulary():
+    """One vocabulary: ``sigma_dist`` draws the CE levels; ``weighting="uniform"`` is gone."""
+    disc = Discriminator(2, 0.5, hidden=8, depth=1)
+    xr, xf = torch.randn(64, 2), torch.randn(64, 2) + 1.0
+
+    def levels(**kw):
+        seen = []
+        def spy(x, s):
+            seen.append(s.clone())
+            return disc(x, s)
+        ce_loss(spy, xr, xf, generator=dgref.make_generator(3), reduction="none", **kw)
+        return seen[0]
+
+    default, logn = levels(), levels(sigma_dist="lognormal")
+    logu = levels(sigma_dist="loguniform", sigma_min=0.045, sigma_max=80.0)
+    torch.testing.assert_close(default, logn, rtol=0, atol=0)        # default: log-normal
+    ref, _ = dgref.discriminator.sample_training_sigmas(
+        64, sigma_dist="loguniform", sigma_min=0.045, sigma_max=80.0,
+        generator=dgref.make_generator(3))
+    torch.testing.assert_close(logu, ref, rtol=0, atol=0)
+    assert logu.min() >= 0.045 and logu.max() <= 80.0
+    assert not torch.equal(logu, logn)
+    # the old spelling of the log-uniform draw still gives the same levels
+    old = levels(weighting="loguniform", sigma_min=0.045, sigma_max=80.0)
+    torch.testing.assert_close(old, logu, rtol=0, atol=0)
+    for bad in ("uniform", "kl", "lognormal"):
+        with pytest.raises(ValueError, match=r"weighting=.*sigma_dist"):
+            ce_loss(disc, xr, xf, weighting=bad)
+    with pytest.raises(ValueError, match="contradicts sigma_dist"):
+        ce_loss(disc, xr, xf, weighting="loguniform", sigma_dist="lognormal")
+    with pytest.raises(ValueError, match="sigma_dist"):
+        ce_loss(disc, xr, xf, sigma_dist="uniform")
+    # the training loop refuses the old CE vocabulary before any step
+    with pytest.raises(ValueError, match="weighting"):
+        train_discriminator(disc, objective="ce", x_real=xr, x_fake=xf, steps=1,
+                            weighting="uniform", progress=False)
+    losses = train_discriminator(disc, objective="ce", x_real=xr, x_fake=xf, steps=2,
+                                 sigma_dist="loguniform", progress=False,
+                                 generator=dgref.make_generator(0))
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
