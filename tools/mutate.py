@@ -224,10 +224,35 @@ def load_results(work: Path) -> dict[str, str]:
     return res
 
 
+_FUNCS: dict[Path, dict[str, str]] = {}
+
+
+def _functions(path: Path) -> dict[str, str]:
+    """Every function's source in a mutmut-generated file (original and mutants), by name."""
+    if path not in _FUNCS:
+        import ast
+        src = path.read_text()
+        lines = src.splitlines()
+        _FUNCS[path] = {node.name: "\n".join(lines[node.lineno - 1:node.end_lineno])
+                        for node in ast.walk(ast.parse(src))
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return _FUNCS[path]
+
+
 def diff_of(exe: Path, work: Path, name: str) -> list[str]:
-    out = subprocess.run([str(exe), "show", name], cwd=work, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return [ln for ln in out.stdout.splitlines()
+    """The changed lines of a mutant against the original function (``-`` then ``+``),
+    read from mutmut's generated file (as ``mutmut show`` prints them, without a process
+    per mutant)."""
+    import difflib
+    module = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[0]
+    funcs = _functions(work / "mutants" / (module.replace(".", "/") + ".py"))
+    fname = name.rsplit(".", 1)[1]
+    mutant, orig = funcs.get(fname), funcs.get(fname.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
+    if mutant is None or orig is None:
+        return [f"? no source for {name}"]
+    body_m = re.sub(r"__mutmut_\d+", "", mutant.split("\n", 1)[1]).splitlines()
+    body_o = orig.split("\n", 1)[1].splitlines()
+    return [ln for ln in difflib.unified_diff(body_o, body_m, lineterm="", n=0)
             if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
 
 
