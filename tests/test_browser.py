@@ -41,9 +41,6 @@ PAGES = toc_files()
 # its page passes; a pending page that passes fails the suite (strict xfail).
 PENDING_PAGES = {
     "book/edm@1280",            # eqs. (4), (5), (7) wider than the column
-    "book/kl_argument@1280",    # two display equations wider than the column
-    "book/ce_failure@1280",     # raw TeX (a "+ " line inside $...$), eqs. (14) (16) (17) (20)
-    "book/ce_failure@400",      # raw TeX (the same "+ " line)
     "book/kl_objective@1280",   # eq. (21) wider than the column
 }
 
