@@ -325,3 +325,59 @@ def test_sampler_kwargs_keep_the_window():
         torch.testing.assert_close(kw["denoiser"](x, s), q(x, s), rtol=0, atol=0)
         torch.testing.assert_close(kw["denoiser"](x, s / 2),
                                    q(x, s / 2) + 2.0 * disc.grad(x, s / 2), rtol=1e-12, atol=0)
+
+
+def test_drawn_levels_follow_every_range_argument():
+    """kl_loss draws its levels with the given P_mean / P_std (log-normal) or sigma_min /
+    sigma_max (log-uniform); the EDM weighting draws log-normal levels by default; given
+    levels use the density of the given sigma_dist."""
+    x0, _ = _data()
+    disc, q = _Quad(), dgref.ring().reweighted(stds=0.3)
+
+    def ref(s, lam, seed_gen):
+        return _kl_reference(disc, q, x0, s, lam, dgref.randn(x0.shape, seed_gen, dtype=DT))
+
+    got = dgref.kl_loss(disc, q, x0, generator=_g(8), sigma_dist="lognormal", P_mean=0.3,
+                        P_std=0.5, reduction="none")
+    g = _g(8)
+    s = (0.3 + 0.5 * dgref.randn((8,), g, dtype=DT)).exp()
+    dens = torch.exp(-0.5 * ((s.log() - 0.3) / 0.5) ** 2) / (s * 0.5 * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(got, ref(s, 1 / (s ** 3 * dens), g), rtol=1e-10, atol=0)
+    got = dgref.kl_loss(disc, q, x0, generator=_g(9), sigma_min=0.1, sigma_max=3.0,
+                        reduction="none")
+    g = _g(9)
+    s = (math.log(0.1) + torch.rand((8,), generator=g, dtype=DT) * math.log(30.0)).exp()
+    torch.testing.assert_close(got, ref(s, math.log(30.0) / s ** 2, g), rtol=1e-10, atol=0)
+    got = dgref.kl_loss(disc, q, x0, generator=_g(10), weighting="edm", reduction="none")
+    g = _g(10)
+    s = (-1.2 + 1.2 * dgref.randn((8,), g, dtype=DT)).exp()
+    torch.testing.assert_close(got, ref(s, (s ** 2 + 0.81) / (s * 0.9) ** 2, g), rtol=1e-10,
+                               atol=0)
+    s = torch.exp(torch.linspace(-2, 1.5, 8, dtype=DT))
+    got = dgref.kl_loss(disc, q, x0, sigma=s, sigma_dist="lognormal", generator=_g(11),
+                        reduction="none")
+    dens = torch.exp(-0.5 * ((s.log() + 1.2) / 1.2) ** 2) / (s * 1.2 * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(got, ref(s, 1 / (s ** 3 * dens), _g(11)), rtol=1e-10, atol=0)
+
+
+def test_disc_output_shape_named_and_default_guidance_weight():
+    x0, xf = _data()
+    with pytest.raises(ValueError, match=r"^disc returned shape \(8, 1\), expected a logit per "
+                                         r"row, \(B,\)'s shape \(8,\)"):
+        dgref.ce_loss(lambda x, s: x[:, :1], x0, xf)
+    q = dgref.ring().reweighted(stds=0.3)
+    disc = _Quad()
+    x = torch.randn(6, 2, generator=_g(3), dtype=DT)
+    s = torch.full((6,), 1.5, dtype=DT)
+    kw = dg_sampler_kwargs(q, disc)                           # w = 1, everywhere, Euler only
+    assert kw["heun_denoiser"] is q
+    torch.testing.assert_close(kw["denoiser"](x, s), q(x, s) + 2.25 * disc.grad(x, s),
+                               rtol=1e-12, atol=0)
+
+
+def test_loguniform_levels_without_a_generator():
+    torch.manual_seed(0)
+    s, dens = sample_training_sigmas(50, sigma_dist="loguniform", sigma_min=0.1, sigma_max=3.0)
+    assert s.dtype == torch.float32 and s.device.type == "cpu"
+    assert bool(((s >= 0.1 * (1 - 1e-6)) & (s <= 3.0 * (1 + 1e-6))).all())
+    torch.testing.assert_close(dens, 1 / (s * math.log(30.0)), rtol=1e-6, atol=0)

@@ -250,8 +250,8 @@ def diff_of(exe: Path, work: Path, name: str) -> list[str]:
     mutant, orig = funcs.get(fname), funcs.get(fname.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
     if mutant is None or orig is None:
         return [f"? no source for {name}"]
-    body_m = re.sub(r"__mutmut_\d+", "", mutant.split("\n", 1)[1]).splitlines()
-    body_o = orig.split("\n", 1)[1].splitlines()
+    body_m = re.sub(r"__mutmut_\d+", "", mutant).splitlines()     # the def line too: a
+    body_o = re.sub(r"__mutmut_orig", "", orig).splitlines()       # default's mutant is there
     return [ln for ln in difflib.unified_diff(body_o, body_m, lineterm="", n=0)
             if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
 
