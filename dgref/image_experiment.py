@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._checks import check_nonneg_int, check_positive_int, check_tensor, check_window
-from ._util import resolve_device
+from ._util import bcast, resolve_device
 from .cache import cached, load_cached, save_cached
 from .digits import ImageDiscriminator, generate_images, load_digit_images, unet_denoiser
 from .discriminator import ce_loss, dg_sampler_kwargs, logit_and_grad
@@ -216,7 +216,7 @@ def loss_gap_terms(denoiser, disc, x0: torch.Tensor, *, window, draws: int = 16,
     for a in range(0, n * K, bs):
         s = sigma[a:a + bs].to(device=x0.device, dtype=x0.dtype)
         xb0 = x0[rows[a:a + bs].to(x0.device)]
-        x = xb0 + s.reshape(-1, *([1] * (x0.ndim - 1))) * noise[a:a + bs].to(x0.device)
+        x = xb0 + bcast(s, x0) * noise[a:a + bs].to(x0.device)
         with torch.no_grad():
             r = (denoiser(x, s) - xb0).double().flatten(1).cpu()
         _, g = logit_and_grad(disc, x, s)
@@ -684,21 +684,25 @@ def _label(name: str) -> str:
     return out
 
 
+_SHORT = {"ce": "cross-entropy", "kl": "KL objective"}
+
+
 def format_loss_gap_table(gaps: dict, weights=(0.5, 1.0, 2.0), *, level: float = 0.95,
                           primary: float | None = None, markdown: bool = False) -> str:
-    """The held-out loss gaps ``{name: LossGap}`` at field weights ``weights`` (nats, with
-    intervals), the best weight and its gap (book chapter images). ``primary`` marks a weight."""
-    head = (["discriminator"] + [f"w_f = {w:g}" + (" (primary)" if w == primary else "")
+    """The held-out loss gaps ``{name: LossGap}`` at field weights ``weights`` (nats,
+    estimate ± half-width of the interval at ``level``), the best weight and its gap (book
+    chapter images). ``primary`` marks the published setting's field weight."""
+    head = (["discriminator"] + [f"w_f = {w:g}" + (" (published)" if w == primary else "")
                                  for w in weights] + ["best w_f", "gap at best w_f"])
     lines = []
     for name, g in gaps.items():
-        row = [_label(name)]
+        row = [_SHORT.get(name, _label(name))]
         for w in weights:
             m, lo, hi = g.estimate(w, level)
-            row.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            row.append(f"{m:+.3g} ± {(hi - lo) / 2:.2g}")
         b = g.best_weight(level)
-        row.append(f"{b['weight']:.2f} [{b['weight_ci'][0]:.2f}, {b['weight_ci'][1]:.2f}]")
-        row.append(f"{b['gap']:+.3f} [{b['gap_ci'][0]:+.3f}, {b['gap_ci'][1]:+.3f}]")
+        row.append(f"{b['weight']:.2f} ± {(b['weight_ci'][1] - b['weight_ci'][0]) / 2:.2f}")
+        row.append(f"{b['gap']:+.3g} ± {(b['gap_ci'][1] - b['gap_ci'][0]) / 2:.2g}")
         lines.append(row)
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
