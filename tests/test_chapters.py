@@ -45,8 +45,9 @@ WARNING_RE = re.compile(r"\w*Warning\b")    # e.g. "UserWarning: ..." on stderr
 
 
 class Run:
-    """One executed chapter: ``nb`` (None if it failed), where it came from, its parameters
-    (``None`` for the book's run, which used the chapter's own defaults), and the failure."""
+    """One executed chapter: ``nb`` (up to the failing cell if it failed), where it came
+    from, its parameters (``None`` for the book's run, which used the chapter's own defaults)
+    and the failure's traceback (``None`` if it ran to the end)."""
 
     def __init__(self, nb, origin, params=None, error=None):
         self.nb, self.origin, self.params, self.error = nb, origin, params, error
@@ -56,9 +57,11 @@ _RUNS: dict[Path, Run] = {}
 
 
 def _execute(path: Path, params: dict, kernel: str) -> Run:
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    nb = parameterize_notebook(read_notebook(path), params, kernel_name=kernel,
+    # papermill's reader (it gives every cell a tags list, which parameterize expects)
+    nb = parameterize_notebook(load_notebook_node(str(path)), params, kernel_name=kernel,
                                language="python")
     seconds, error = execute_notebook(nb, path.parent, kernel_name=kernel,
                                       **execute_settings())
