@@ -86,21 +86,21 @@ def _data(n=8, seed=0):
             p.reweighted(stds=0.3).sample(n, generator=_g(seed + 1), dtype=DT))
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "loguniform"])
-def test_ce_loss_draws_levels_then_noise(weighting):
+@pytest.mark.parametrize("sigma_dist", ["lognormal", "loguniform"])
+def test_ce_loss_draws_levels_then_noise(sigma_dist):
     xr, xf = _data()
     disc = _Quad()
-    got = dgref.ce_loss(disc, xr, xf, generator=_g(3), weighting=weighting, reduction="none",
+    got = dgref.ce_loss(disc, xr, xf, generator=_g(3), sigma_dist=sigma_dist, reduction="none",
                         sigma_min=0.01, sigma_max=20.0)
     g = _g(3)
-    if weighting == "uniform":
+    if sigma_dist == "lognormal":
         s = (-1.2 + 1.2 * dgref.randn((8,), g, dtype=DT)).exp()
     else:
         s = (math.log(0.01) + torch.rand((8,), generator=g, dtype=DT) * math.log(2000)).exp()
     nr, nf = dgref.randn(xr.shape, g, dtype=DT), dgref.randn(xf.shape, g, dtype=DT)
     ref = SP(-disc(xr + s[:, None] * nr, s)) + SP(disc(xf + s[:, None] * nf, s))
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
-    mean = dgref.ce_loss(disc, xr, xf, generator=_g(3), weighting=weighting, sigma_min=0.01,
+    mean = dgref.ce_loss(disc, xr, xf, generator=_g(3), sigma_dist=sigma_dist, sigma_min=0.01,
                          sigma_max=20.0)
     torch.testing.assert_close(mean, ref.mean(), rtol=1e-12, atol=0)
 
