@@ -41,7 +41,6 @@ PAGES = toc_files()
 # its page passes; a pending page that passes fails the suite (strict xfail).
 PENDING_PAGES = {
     "book/edm@1280",            # eqs. (4), (5), (7) wider than the column
-    "book/kl_objective@1280",   # eq. (21) wider than the column
 }
 
 
