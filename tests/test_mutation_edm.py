@@ -197,3 +197,37 @@ def test_sde_steps_follow_their_equations(method):
                           method=method, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(torch.tensor(rec.levels, dtype=DT),
                                dgref.edm_sigma_steps(5, 0.01, 3.0, 2.0)[:-1], rtol=0, atol=0)
+
+
+def test_sampler_bad_input_named_exactly():
+    ring = dgref.ring()
+    lat = _lat(4)
+    for name in ("S_churn", "S_min", "S_noise", "S_max"):
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            list(dgref.edm_sampler_iter(ring, lat, num_steps=2, **{name: -1.0}))
+    # S_max = 0 and S_min = 0 are allowed (no churn anywhere / from the lowest level)
+    assert len(list(dgref.edm_sampler_iter(ring, lat, num_steps=2, S_churn=1.0, S_max=0.0))) == 2
+    with pytest.raises(TypeError, match=r"^heun_denoiser must be callable"):
+        list(dgref.edm_sampler_iter(ring, lat, heun_denoiser="no"))
+    with pytest.raises(ValueError, match=r"^latents must have at least 2 dimension"):
+        list(dgref.edm_sampler_iter(ring, torch.zeros(4, dtype=DT)))
+    with pytest.raises(ValueError, match=r"^denoiser returned shape \(4, 1\), expected x's"):
+        list(dgref.edm_sampler_iter(lambda x, s: x[:, :1], lat, num_steps=2))
+    with pytest.raises(ValueError, match=r"^heun_denoiser returned shape \(4, 1\), expected "
+                                         r"x's"):
+        list(dgref.edm_sampler_iter(ring, lat, num_steps=2, heun_denoiser=lambda x, s: x[:, :1]))
+    with pytest.raises(ValueError, match=r"^denoiser returned shape \(4, 1\), expected x's"):
+        list(dgref.edm_sampler_iter(lambda x, s: x if float(s[0]) > 50 else x[:, :1], lat,
+                                    num_steps=2))
+
+
+def test_churn_window_defaults_to_every_level():
+    """S_min = 0 and S_max = inf by default: with S_churn > 0 every step churns."""
+    ring = dgref.ring()
+    t = dgref.edm_sigma_steps(6, 0.002, 80.0, 7.0).tolist()
+    lat = _lat()
+    ref = _algorithm2(ring, lat, t, 2.0, 0.0, math.inf, 1.0, torch.Generator().manual_seed(8))
+    steps = list(dgref.edm_sampler_iter(ring, lat, num_steps=6, S_churn=2.0,
+                                        generator=torch.Generator().manual_seed(8)))
+    assert all(st.t_hat > st.t_cur for st in steps)
+    torch.testing.assert_close(steps[-1].x_next, ref[-1][3], rtol=1e-12, atol=1e-12)

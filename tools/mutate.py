@@ -61,7 +61,8 @@ MODULES = ["dgref/edm.py", "dgref/toy.py", "dgref/labelled.py", "dgref/guidance.
 #: Unit tests only: no notebooks (nbval), no browser, no papermill, no book build.
 TESTS = ["tests/test_foundation.py", "tests/test_discriminator.py",
          "tests/test_conditional.py", "tests/test_ce_failure.py", "tests/test_bad_input.py",
-         "tests/test_reliability.py", "tests/test_seeding.py", "tests/test_pins.py",
+         "tests/test_reliability.py", "tests/test_seeding.py", "tests/test_gridflow.py",
+         "tests/test_sde_density.py", "tests/test_pins.py",
          "tests/test_mutation_*.py"]
 
 #: Deselected in the mutation run. The first runs dgref in a subprocess, which cannot see a
