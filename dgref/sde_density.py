@@ -56,9 +56,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from dgref._checks import NonFiniteError, check_positive_float, check_positive_int
-from dgref.edm import edm_sigma_steps
-from dgref.gridflow import GridFlow
+from ._checks import NonFiniteError, check_positive_float, check_positive_int
+from .edm import edm_sigma_steps
+from .gridflow import GridFlow
 
 __all__ = ["GridDensity", "grid_flow_sde", "sampler_transitions", "transfer",
            "bin_masses", "grid_kl_from", "score_error_integral_1d", "ode_kl_1d",
@@ -718,7 +718,7 @@ def ode_log_likelihood_1d(denoiser, y: torch.Tensor, sigmas: torch.Tensor, *, st
     ``sigma_max`` (e.g. the data, which removes the prior term). ``field(x, sigma) -> (D, div
     D)`` replaces autograd (``dgref.likelihood.divergence``).
     """
-    from dgref.likelihood import divergence
+    from .likelihood import divergence
     y = torch.as_tensor(y, dtype=torch.float64).reshape(-1, 1)
     n = y.shape[0]
     u = torch.as_tensor(sigmas, dtype=torch.float64).log().tolist()
