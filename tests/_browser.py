@@ -147,6 +147,14 @@ _INSPECT = r"""(args) => {
     const r = el.getBoundingClientRect();
     let right = r.left + Math.max(el.scrollWidth, r.width);
     for (const c of el.querySelectorAll('mjx-math, mjx-mtable, table, pre, img, svg')) {
+      // Content inside a box that scrolls sideways (a wide table with math in its cells) is
+      // reached by scrolling that box: it does not make el itself wider.
+      let scrolled = false;
+      for (let a = c.parentElement; a && a !== el; a = a.parentElement) {
+        const ox = getComputedStyle(a).overflowX;
+        if (ox === 'auto' || ox === 'scroll') { scrolled = true; break; }
+      }
+      if (scrolled) continue;
       const cr = c.getBoundingClientRect();
       if (cr.width) right = Math.max(right, cr.right);
     }

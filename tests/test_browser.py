@@ -39,9 +39,7 @@ PAGES = toc_files()
 
 # Pages that fail today, pending their chapter owner's fix (issue 12). Remove an entry when
 # its page passes; a pending page that passes fails the suite (strict xfail).
-PENDING_PAGES = {
-    "book/edm@1280",            # eqs. (4), (5), (7) wider than the column
-}
+PENDING_PAGES: set[str] = set()
 
 
 def _unavailable(reason):
