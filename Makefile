@@ -47,7 +47,7 @@ bench: setup
 
 # Mutation testing (tools/mutate.py); slow, not part of `test` or CI.
 mutate: setup
-	$(BIN)/python tools/mutate.py
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf _build
