@@ -1,0 +1,370 @@
+"""KL of a STOCHASTIC EDM sampler in 2-D (any low dimension), with a standard error.
+
+The multi-dimensional companion of :mod:`dgref.sde_density` (whose grids are exact in 1-D
+only): issue 11 item 2; used by the chapter kl_objective. See :func:`sde_kl_estimate`.
+
+The idea in one line: the last noisy step of a stochastic sampler is a Gaussian kernel, so the
+sampler's law at a level ``sigma_end`` is a Gaussian mixture over the states one step earlier,
+
+    q_end(y) = E_X[ N(y; m(X), s^2 I) ],
+
+and an average of that kernel over ``M`` independent sampler runs is an UNBIASED estimate of
+``q_end(y)`` at every ``y``: a density estimate with no bandwidth to choose (the kernel is the
+sampler's own transition, book eq. guidance-theory-sde). The data side is closed form (a
+Gaussian mixture noised to ``sigma_end``), so ``E_p[log p_end - log q_hat]`` over independent
+points of ``p_end`` estimates ``KL(p_end || q_end)``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_callable, check_output_shape, check_positive_float, \
+    check_positive_int, check_tensor, checked_scope
+from .edm import _check_latents, _sampler_levels, edm_sampler_iter
+from .rng import randn
+
+__all__ = ["KLEstimate", "sde_kl_estimate", "kernel_state", "KernelState"]
+
+_SAMPLERS = ("euler_maruyama", "ancestral", "heun_churn")
+_SCHEDULE_ARGS = {"sigma_min", "sigma_max", "rho", "sigmas"}
+_CHURN_ARGS = {"S_churn", "S_min", "S_max", "S_noise", "heun_denoiser"}
+_MIN_ESS = 10.0      # the validity rule: ess_q01 below this and the estimate is flagged
+_REACH = 9.0         # kernels beyond _REACH * s in the sorting coordinate are dropped (< e^-40)
+
+
+class KernelState(NamedTuple):
+    """The sampler's state one noisy transition before the compared level.
+
+    ``x`` ``(M, dim)`` the states, ``mean`` ``(M, dim)`` the transition's mean ``m(x)``, ``s``
+    its standard deviation: the states at ``level`` are ``mean + s * eps``. ``step``: the index
+    ``i`` of the schedule level ``t_i`` that was picked.
+    """
+    x: torch.Tensor
+    mean: torch.Tensor
+    s: float
+    level: float
+    step: int
+
+
+class KLEstimate(NamedTuple):
+    """The result of :func:`sde_kl_estimate` (book: chapter kl_objective).
+
+    ``kl``: the bias-corrected estimate of ``KL(p_level || q_level)`` (nats); ``se``: its
+    standard error, ``sqrt(se_eval^2 + se_particles^2)``; ``kl_raw``: the uncorrected
+    estimate; ``bias``: the estimated first-order bias of ``kl_raw`` (``kl = kl_raw - bias``);
+    ``kl_half``: ``kl_raw`` recomputed from the first half of the particles (it should exceed
+    ``kl_raw`` by about ``bias``, a check of the correction); ``se_eval`` / ``se_particles``:
+    the parts of ``se`` due to the evaluation points and to the particles; ``ess_median`` /
+    ``ess_q01``: median and 1 % quantile over the evaluation points of the effective number of
+    particles behind ``q_hat``; ``reliable``: ``ess_q01 >= 10`` (the validity rule);
+    ``level``: the noise level compared (the schedule level nearest the requested
+    ``sigma_end``; for ``"heun_churn"`` the churned level ``t_hat``); ``s``: the last kernel's
+    standard deviation; ``num_particles``, ``num_eval``: ``M`` and ``n``.
+    """
+    kl: float
+    se: float
+    kl_raw: float
+    bias: float
+    kl_half: float
+    se_eval: float
+    se_particles: float
+    ess_median: float
+    ess_q01: float
+    level: float
+    s: float
+    reliable: bool
+    num_particles: int
+    num_eval: int
+
+
+def _pick_level(t, sampler, sigma_end, S_churn, S_min, S_max, S_noise):
+    """``(step i, compared level, kernel s or None)`` for the candidate nearest ``sigma_end``.
+
+    SDE samplers: any ``t_i``, ``1 <= i <= N-1`` (the step ``t_{i-1} -> t_i`` is noisy).
+    ``"heun_churn"``: ``t_hat_i = t_i (1 + gamma_i)`` for the steps with churn.
+    Nearest on a log scale; ``sigma_end`` outside the candidates' range is an error.
+    """
+    N = len(t) - 1
+    if sampler == "heun_churn":
+        cands = []
+        for i in range(N):
+            gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+            if gamma > 0:
+                cands.append((i, t[i] * (1 + gamma)))
+        if not cands:
+            raise ValueError("sampler='heun_churn' has no noisy step to compare at: S_churn "
+                             f"must be > 0 with some level in [S_min, S_max] (got S_churn="
+                             f"{S_churn}, S_min={S_min}, S_max={S_max})")
+        if S_noise == 0:
+            raise ValueError("S_noise must be > 0 for sampler='heun_churn' (the churn is the "
+                             "kernel the estimate rests on)")
+    else:
+        cands = [(i, t[i]) for i in range(1, N)]
+        if not cands:
+            raise ValueError(f"num_steps must be >= 2 for sampler={sampler!r} (the schedule "
+                             "has no level between the first one and 0)")
+    levels = [c[1] for c in cands]
+    lo, hi = min(levels), max(levels)
+    if not lo * (1 - 1e-9) <= sigma_end <= hi * (1 + 1e-9):
+        where = " (with churn: S_churn, S_min, S_max)" if sampler == "heun_churn" else ""
+        raise ValueError(f"sigma_end={sigma_end:g} is outside the levels this sampler can be "
+                         f"compared at, [{lo:.4g}, {hi:.4g}]{where}")
+    i, level = min(cands, key=lambda c: abs(math.log(c[1] / sigma_end)))
+    return i, level
+
+
+def kernel_state(denoiser, latents: torch.Tensor, *, sigma_end: float,
+                 sampler: str = "euler_maruyama", num_steps: int = 64, generator=None,
+                 **sampler_kwargs) -> KernelState:
+    """Replay a stochastic sampler up to its last noisy transition onto ``sigma_end`` (book eq. guidance-theory-sde).
+
+    ``"euler_maruyama"`` and ``"ancestral"`` replay :func:`dgref.edm_sde_sampler` step for
+    step (same arithmetic, the same noise drawn from ``generator`` in the same order) and stop
+    at the state at ``t_{i-1}``, returning the mean and standard deviation of the step onto the
+    picked level ``t_i``:
+
+    - Euler-Maruyama: ``m(x) = x + 2 (t - t')/t (D(x; t) - x)``, ``s = sqrt(2 t (t - t'))``;
+    - ancestral: ``m(x) = D + r (x - D)``, ``r = (t'/t)^2``, ``s = t' sqrt(1 - r)``.
+
+    ``"heun_churn"`` runs :func:`dgref.edm_sampler_iter` itself (EDM Algorithm 2) to the state
+    at ``t_i`` and returns the churn of step ``i``: ``m(x) = x``, ``s = sqrt(t_hat^2 - t_i^2)
+    S_noise``, compared at ``t_hat = t_i (1 + gamma)``. The level picked is the candidate
+    nearest ``sigma_end`` on a log scale. ``sampler_kwargs``: ``sigma_min``, ``sigma_max``,
+    ``rho``, ``sigmas``, and for ``"heun_churn"`` also ``S_churn``, ``S_min``, ``S_max``,
+    ``S_noise``, ``heun_denoiser``.
+    """
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+    allowed = _SCHEDULE_ARGS | (_CHURN_ARGS if sampler == "heun_churn" else set())
+    unknown = sorted(set(sampler_kwargs) - allowed)
+    if unknown:
+        hint = " (churn options apply to sampler='heun_churn' only)" if set(unknown) & \
+            _CHURN_ARGS else ""
+        raise TypeError(f"unknown sampler argument(s) {unknown} for sampler={sampler!r}; "
+                        f"allowed: {sorted(allowed)}{hint}")
+    check_callable("denoiser", denoiser)
+    check_tensor("latents", latents, min_ndim=2)
+    sigma_end = check_positive_float("sigma_end", sigma_end)
+    N = check_positive_int("num_steps", num_steps)
+    sched = {k: sampler_kwargs.get(k, d) for k, d in
+             (("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0), ("sigmas", None))}
+    t = _sampler_levels(sched["sigmas"], N, sched["sigma_min"], sched["sigma_max"],
+                        sched["rho"])
+    churn = {k: sampler_kwargs.get(k, d) for k, d in
+             (("S_churn", 0.0), ("S_min", 0.0), ("S_max", math.inf), ("S_noise", 1.0))}
+    for name in ("S_churn", "S_min", "S_noise"):
+        check_positive_float(name, churn[name], allow_zero=True)
+    check_positive_float("S_max", churn["S_max"], allow_zero=True, allow_inf=True)
+    i, level = _pick_level(t, sampler, sigma_end, **churn)
+    _check_latents(latents, False)
+    B, dtype, device = latents.shape[0], latents.dtype, latents.device
+    x = latents * t[0]
+    with torch.no_grad():
+        if sampler == "heun_churn":
+            if i > 0:
+                run = edm_sampler_iter(denoiser, latents, sigmas=torch.tensor(t, dtype=torch.float64),
+                                       generator=generator, progress=False, **{
+                                           k: v for k, v in sampler_kwargs.items()
+                                           if k in _CHURN_ARGS})
+                for step in run:
+                    if step.i == i - 1:
+                        x = step.x_next
+                        break
+                run.close()
+            s = math.sqrt(level ** 2 - t[i] ** 2) * churn["S_noise"]
+            return KernelState(x, x, s, level, i)
+        for k in range(i):
+            tk, tn = t[k], t[k + 1]
+            with checked_scope():
+                D = denoiser(x, torch.full((B,), tk, dtype=dtype, device=device))
+            check_output_shape("denoiser", D, x.shape, "x")
+            if sampler == "euler_maruyama":
+                mean = x + 2 * (tk - tn) / tk * (D - x)
+                s = math.sqrt(2 * tk * (tk - tn))
+            else:
+                r = (tn / tk) ** 2
+                mean = D + r * (x - D)
+                s = tn * math.sqrt(1 - r)
+            if k == i - 1:
+                return KernelState(x, mean, s, level, i)
+            x = mean + s * randn(x.shape, generator, dtype=dtype, device=device)
+    raise AssertionError("unreachable")
+
+
+class _KernelSums(NamedTuple):
+    log_q: torch.Tensor        # (n,) log q_hat(y_i)
+    rel_var: torch.Tensor      # (n,) Var_k(K_ik) / q_hat_i^2 (unbiased over the M particles)
+    ess: torch.Tensor          # (n,) (sum_k K_ik)^2 / sum_k K_ik^2
+    log_q_half: torch.Tensor   # (n,) log q_hat(y_i) from the first M // 2 particles
+    g: torch.Tensor            # (M,) (1/n) sum_i K_ik / q_hat_i
+
+
+def _kernel_sums(y: torch.Tensor, centres: torch.Tensor, s: float, *, chunk: int = 128
+                 ) -> _KernelSums:
+    """The sums over ``K_ik = N(y_i; centres_k, s^2 I)`` that the estimate needs, in float64.
+
+    The ``n x M`` matrix is never stored: points are taken in blocks of ``chunk`` after sorting
+    points and centres by their first coordinate, and a block meets only the centres within
+    ``_REACH * s`` of it in that coordinate (the others' kernels are below ``e^-40`` of the
+    kernel at distance 0). Each row is computed relative to its largest entry (no underflow).
+    """
+    y, c = y.double(), centres.double()
+    n, dim = y.shape
+    M = c.shape[0]
+    half = M // 2
+    log_norm = -dim * math.log(s * math.sqrt(2 * math.pi))
+    c_order = torch.argsort(c[:, 0])
+    c = c[c_order]
+    key = c[:, 0].contiguous()
+    c_sq = (c * c).sum(1)
+    in_half = (c_order < half).double()
+    y_order = torch.argsort(y[:, 0])
+    log_q = torch.empty(n, dtype=torch.float64)
+    rel_var, ess, log_q_half = torch.empty_like(log_q), torch.empty_like(log_q), \
+        torch.empty_like(log_q)
+    g_sorted = torch.zeros(M, dtype=torch.float64)
+    for a in range(0, n, chunk):
+        rows = y_order[a:a + chunk]
+        yb = y[rows]
+        lo = int(torch.searchsorted(key, float(yb[0, 0]) - _REACH * s))
+        hi = int(torch.searchsorted(key, float(yb[-1, 0]) + _REACH * s, right=True))
+        if hi <= lo:                              # no particle anywhere near: q_hat = 0
+            log_q[rows], log_q_half[rows] = -math.inf, -math.inf
+            rel_var[rows], ess[rows] = math.inf, 0.0
+            continue
+        # -|y - c|^2 / (2 s^2), expanded (one matrix product)
+        e = torch.addmm(c_sq[None, lo:hi], yb, c[lo:hi].T, alpha=-2.0)
+        e.add_((yb * yb).sum(1, keepdim=True)).mul_(-0.5 / s ** 2)
+        top = e.max(1).values
+        e.sub_(top[:, None]).exp_()                # K_ik / max_k K_ik
+        S1 = e.sum(1)
+        S2 = (e * e).sum(1)
+        Sh = e @ in_half[lo:hi]
+        log_q[rows] = top + S1.log() + log_norm - math.log(M)
+        log_q_half[rows] = top + Sh.log() + log_norm - math.log(half)
+        rel_var[rows] = (M * S2 / (S1 * S1) - 1.0) * M / (M - 1)
+        ess[rows] = S1 * S1 / S2
+        g_sorted[lo:hi] += (e / S1[:, None]).sum(0) * M        # sum_i K_ik / q_hat_i
+    g = torch.empty_like(g_sorted)
+    g[c_order] = g_sorted / n
+    return _KernelSums(log_q, rel_var, ess, log_q_half, g)
+
+
+def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_maruyama",
+                    num_steps: int = 64, num_particles: int = 10000, num_eval: int = 2000,
+                    generator=None, eval_generator=None, latents: torch.Tensor | None = None,
+                    warn: bool = True, **sampler_kwargs) -> KLEstimate:
+    """``KL(p_sigma_end || q_sigma_end)`` of a stochastic sampler, with a standard error (book: chapter kl_objective).
+
+    **What it estimates.** The data noised to the level ``sigma_end`` (``p_end``, closed form
+    for a mixture) against the law ``q_end`` of the sampler's state at that level (book eq.
+    guidance-theory-sde for the SDE samplers, Algorithm edm-sampler with churn). Not the KL of
+    the samplers' outputs at ``sigma = 0``: near ``sigma_min`` the last kernel is far narrower
+    than the spacing of the particles and the estimate below degenerates; stop at a moderate
+    level (0.1 to 0.3 on the book's worlds). The level compared, ``.level``, is the schedule
+    level nearest ``sigma_end`` on a log scale (for ``"heun_churn"``: the churned level
+    ``t_hat_i = t_i (1 + gamma)`` nearest it, among the steps that have churn).
+
+    **How.** The step onto that level is ``x' = m(x) + s eps``, so ``q_end(y) = E_X N(y; m(X),
+    s^2 I)``. ``M = num_particles`` independent runs of the sampler (replayed exactly by
+    :func:`kernel_state`: the same noise gives the same states as :func:`dgref.edm_sde_sampler`
+    / :func:`dgref.edm_sampler`) give ``q_hat(y) = 1/M sum_k N(y; m(X_k), s^2 I)``, unbiased for
+    ``q_end(y)`` at every ``y`` with no bandwidth (the kernel is the sampler's own). With
+    ``n = num_eval`` points ``Y_i ~ p_end`` drawn independently of the particles,
+
+        kl_raw = 1/n sum_i [log p_end(Y_i) - log q_hat(Y_i)].
+
+    **Why the error bar is valid.** Two independent samples, so two variance terms that add:
+    the points', ``Var_i(l_i) / n``; and the particles', by the delta method (first-order term
+    of ``log q_hat`` in the particles' empirical law), ``Var_k(g_k) / M`` with
+    ``g_k = 1/n sum_i K_ik / q_hat(Y_i)``. The log of an unbiased estimate is biased:
+    ``E log q_hat = log q - Var(q_hat) / (2 q^2) + O(M^-2)``, so ``kl_raw`` is too large by
+    ``bias = mean_i[Var_k(K_ik) / q_hat_i^2] / (2 M)``, estimated from the same kernel sums
+    and subtracted (``kl = kl_raw - bias``); ``kl_half`` (first ``M/2`` particles) should
+    exceed ``kl_raw`` by about ``bias``.
+
+    **When it is not valid.** The delta method and the first-order bias need many particles
+    behind every ``q_hat(Y_i)``. The effective number ``(sum_k K_ik)^2 / sum_k K_ik^2`` is
+    reported (``ess_median``, ``ess_q01``); with ``ess_q01 < 10`` the estimate is flagged
+    ``reliable=False`` (and a ``UserWarning`` is issued unless ``warn=False``): raise
+    ``sigma_end`` or ``num_particles``. In our checks against exact product-world values the
+    correction was accurate at ``ess_q01 >= 10`` and under-corrected at ``ess_q01 ~ 3``.
+
+    Args:
+        data: the data, a :class:`dgref.GaussianMixture` (``log_prob(x, sigma)`` and
+            ``sample(n, sigma)`` closed form).
+        denoiser: ``D(x, sigma)`` on float64 ``(B, dim)`` states, e.g. a mixture's exact
+            denoiser, :func:`dgref.discriminator_guidance` (a :class:`dgref.Discriminator`
+            converted with ``.double()``), or the ``denoiser`` of
+            :func:`dgref.discriminator.dg_sampler_kwargs` (pass its ``heun_denoiser`` too:
+            ``sde_kl_estimate(p, **dg_sampler_kwargs(...), sampler="heun_churn", ...)``).
+        sigma_end: the level to compare at (the nearest level of the schedule is used).
+        sampler: ``"euler_maruyama"`` or ``"ancestral"`` (:func:`dgref.edm_sde_sampler`), or
+            ``"heun_churn"`` (:func:`dgref.edm_sampler` with ``S_churn > 0``).
+        num_steps: the schedule's steps (the levels as in the samplers).
+        num_particles: sampler runs ``M``; num_eval: points ``n`` of ``p_end``.
+        generator: draws the latents and the samplers' noise; eval_generator: draws the
+            evaluation points (default: a generator seeded from ``generator`` after the run,
+            or torch's global one when ``generator`` is None).
+        latents: optional unit-normal ``(M, dim)`` latents (default drawn from ``generator``).
+        warn: issue a ``UserWarning`` when the estimate is flagged unreliable.
+        sampler_kwargs: ``sigma_min``, ``sigma_max``, ``rho``, ``sigmas``; for
+            ``"heun_churn"`` also ``S_churn``, ``S_min``, ``S_max``, ``S_noise``,
+            ``heun_denoiser``.
+
+    Returns a :class:`KLEstimate`. **Cost:** one sampler run of ``M`` particles (up to the
+    picked level) plus kernel sums over the ``n x M`` pairs within reach (about 0.4 s for
+    ``M = 10000``, ``n = 2000`` on one CPU core); with a guided MLP discriminator the
+    sampler run dominates.
+    """
+    if not all(hasattr(data, a) for a in ("log_prob", "sample", "dim")):
+        raise TypeError(f"data must be a GaussianMixture (log_prob(x, sigma) and sample(n, "
+                        f"sigma) of the noised data), got {type(data).__name__}")
+    M = check_positive_int("num_particles", num_particles)
+    n = check_positive_int("num_eval", num_eval)
+    if M < 4:
+        raise ValueError(f"num_particles must be >= 4, got {M}")
+    if n < 2:
+        raise ValueError(f"num_eval must be >= 2, got {n}")
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+    if not isinstance(warn, bool):
+        raise TypeError(f"warn must be True or False, got {warn!r}")
+    dim = data.dim
+    if latents is None:
+        latents = randn((M, dim), generator, dtype=torch.float64)
+    else:
+        check_tensor("latents", latents, ndim=2)
+        if tuple(latents.shape) != (M, dim):
+            raise ValueError(f"latents must have shape (num_particles, data.dim) = ({M}, {dim}),"
+                             f" got {tuple(latents.shape)}")
+        latents = latents.double()
+    st = kernel_state(denoiser, latents, sigma_end=sigma_end, sampler=sampler,
+                      num_steps=num_steps, generator=generator, **sampler_kwargs)
+    if eval_generator is None and generator is not None:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        eval_generator = torch.Generator().manual_seed(seed)
+    y = data.sample(n, st.level, generator=eval_generator, dtype=torch.float64).cpu()
+    log_p = data.log_prob(y, st.level).double()
+    ks = _kernel_sums(y, st.mean.detach().cpu(), st.s)
+    ell = log_p - ks.log_q
+    kl_raw = float(ell.mean())
+    bias = float(ks.rel_var.mean()) / (2 * M)
+    se_eval = float(ell.std()) / math.sqrt(n)
+    se_particles = float(ks.g.std()) / math.sqrt(M)
+    ess_q01 = float(torch.quantile(ks.ess, 0.01))
+    reliable = bool(ess_q01 >= _MIN_ESS)
+    if not reliable and warn:
+        warnings.warn(f"sde_kl_estimate: ess_q01 = {ess_q01:.3g} < {_MIN_ESS:g} effective "
+                      f"particles at the level {st.level:.4g}: the first-order bias correction "
+                      "and the standard error are not trustworthy; raise sigma_end or "
+                      "num_particles", UserWarning, stacklevel=2)
+    return KLEstimate(kl=kl_raw - bias, se=math.hypot(se_eval, se_particles), kl_raw=kl_raw,
+                      bias=bias, kl_half=float((log_p - ks.log_q_half).mean()),
+                      se_eval=se_eval, se_particles=se_particles,
+                      ess_median=float(ks.ess.median()), ess_q01=ess_q01, level=st.level,
+                      s=st.s, reliable=reliable, num_particles=M, num_eval=n)
