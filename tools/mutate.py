@@ -390,6 +390,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--only", help="comma-separated globs of mutant names to run, e.g. "
                     "'dgref.edm.x_edm_sampler_iter*' (the report then covers those)")
+    ap.add_argument("--exclude", help="comma-separated globs of mutant names left out of the "
+                    "population (e.g. what an earlier run covered)")
+    ap.add_argument("--per-module", action="store_true",
+                    help="with --sample N: a stratified sample, N mutants of each module "
+                    "(uniform within the module)")
     ap.add_argument("--rerun", action="store_true",
                     help="re-run only the last run's survivors, with the current tests")
     ap.add_argument("--report-only", action="store_true", help="no run: report the last one")
@@ -421,17 +426,29 @@ def main(argv=None) -> int:
             prepare(work, modules, tests, fresh=True)
             log(f"mutating {len(modules)} modules against {len(tests)} test files in {work}")
             t0 = time.time()
-            if args.sample or args.only:
+            if args.sample or args.only or args.exclude:
                 generate(exe, work, args.nice)
                 population = all_mutants(work)
+                import fnmatch
                 if args.only:
-                    import fnmatch
                     pats = args.only.split(",")
                     population = [n for n in population
                                   if any(fnmatch.fnmatch(n, p) for p in pats)]
+                if args.exclude:
+                    pats = args.exclude.split(",")
+                    population = [n for n in population
+                                  if not any(fnmatch.fnmatch(n, p) for p in pats)]
                 import random
-                names = sorted(random.Random(args.seed).sample(
-                    population, min(args.sample or len(population), len(population))))
+                rng = random.Random(args.seed)
+                if args.per_module and args.sample:
+                    strata: dict[str, list[str]] = {}
+                    for n in population:
+                        strata.setdefault(n.split(".")[1], []).append(n)
+                    names = sorted(n for mod in sorted(strata) for n in rng.sample(
+                        strata[mod], min(args.sample, len(strata[mod]))))
+                else:
+                    names = sorted(rng.sample(
+                        population, min(args.sample or len(population), len(population))))
                 (work / "sample.json").write_text(json.dumps(
                     {"seed": args.seed, "population": population, "sample": names}, indent=0))
                 log(f"{len(population)} mutants; running {len(names)} of them "
