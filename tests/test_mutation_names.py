@@ -1,0 +1,168 @@
+"""Bad input is named exactly (issue 15, mutation testing of session 3): every argument check of
+the toy and labelled worlds, the likelihood and the grid flow raises with the argument's own name
+and the expected form, so a check that names the wrong argument (or none) fails here. Each case
+is one cheap call."""
+import math
+
+import pytest
+import torch
+
+import dgref
+from dgref.gridflow import grid_density, grid_flow, grid_kl, grid_w1
+from dgref.labelled import UniformIntervals, labelled_ring, three_classes_1d, uniform_classes_1d
+from dgref.likelihood import divergence, kl_divergence, mixture_kl, score_error_kl
+
+DT = torch.float64
+
+
+def _D(x, s):
+    return 0.5 * x
+
+
+def _flow():
+    start = dgref.mixture_1d((0.0,), (1.0,))
+    return grid_flow(lambda x, s: x / (1 + s[:, None] ** 2), start, num_points=33, num_steps=4)
+
+
+def _cases():
+    x2 = torch.zeros(4, 2, dtype=DT)
+    x1 = torch.zeros(4, 1, dtype=DT)
+    nan2 = torch.full((4, 2), math.nan, dtype=DT)
+    ring = dgref.ring()
+    u = UniformIntervals([[0.0, 1.0], [2.0, 3.0]])
+    pair = dgref.gaussian_pair()
+    start = dgref.mixture_1d((0.0,), (1.0,))
+    lin = torch.linspace(0.01, 1.0, 5, dtype=DT)
+    V = ValueError
+    return [
+        # likelihood
+        (lambda: divergence(lambda x, s: x[:, :1], x2, torch.ones(4, dtype=DT)), V,
+         r"^denoiser returned shape \(4, 1\), expected x's shape \(4, 2\)"),
+        (lambda: dgref.ode_log_likelihood(1, x2), TypeError, r"^denoiser must be callable D\(x, sigma\)"),
+        (lambda: dgref.ode_log_likelihood(None, x2, field=1), TypeError,
+         r"^field must be callable field\(x, sigma\) -> \(D, div D\)"),
+        (lambda: dgref.ode_log_likelihood(_D, torch.zeros(4, dtype=DT)), V, r"^x must have 2 dim"),
+        (lambda: dgref.ode_log_likelihood(_D, nan2), V, r"^x must be finite"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigma_min=0.0), V, r"^sigma_min must be > 0"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigma_max=-1.0), V, r"^sigma_max must be > 0"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigma_min=2.0, sigma_max=2.0), V,
+         r"^sigma_min must be < sigma_max, got 2.0 >= 2.0"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, num_steps=0), V, r"^num_steps must be an int"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigmas=lin[:, None]), V, r"^sigmas must have 1 dim"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigmas=torch.tensor([0.1, math.nan], dtype=DT)),
+         V, r"^sigmas must be finite"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigmas=lin[:1]), V, r"^sigmas must be a positive"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigmas=lin.flip(0)), V, r"^sigmas must be a positive"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, sigmas=lin - 0.01), V, r"^sigmas must be a positive"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, num_probes=0), V, r"^num_probes must be an int"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, batch_size=0), V, r"^batch_size must be an int"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, method="exactly"), V,
+         r"^method must be 'auto', 'exact' or 'hutchinson', got 'exactly'"),
+        (lambda: dgref.ode_log_likelihood(_D, x2, solver="euler"), V, r"^solver must be one of"),
+        (lambda: kl_divergence(ring, _D, num_points=0), V, r"^num_points must be an int"),
+        (lambda: kl_divergence(ring, _D, x=x1), V, r"^x must have last dimension 2"),
+        (lambda: kl_divergence(ring, _D, x=torch.zeros(4, dtype=DT)), V, r"^x must have 2 dim"),
+        (lambda: kl_divergence(ring, _D, x=nan2), V, r"^x must be finite"),
+        (lambda: mixture_kl(ring, ring, num_points=0), V, r"^num_points must be an int"),
+        (lambda: mixture_kl(ring, dgref.mixture_1d()), V,
+         r"^p and q must have the same dimension, got p.dim=2 and q.dim=1"),
+        (lambda: score_error_kl(ring, _D, sigma_min=0.0), V, r"^sigma_min must be > 0"),
+        (lambda: score_error_kl(ring, _D, sigma_max=0.0), V, r"^sigma_max must be > 0"),
+        (lambda: score_error_kl(ring, _D, sigma_min=1.0, sigma_max=1.0), V,
+         r"^sigma_min must be < sigma_max"),
+        (lambda: score_error_kl(ring, _D, num_sigmas=0), V, r"^num_sigmas must be an int"),
+        (lambda: score_error_kl(ring, _D, num_sigmas=2), V, r"^num_sigmas must be >= 3, got 2"),
+        (lambda: score_error_kl(ring, _D, num_points=0), V, r"^num_points must be an int"),
+        (lambda: score_error_kl(ring, _D, batch_size=0), V, r"^batch_size must be an int"),
+        # grid flow
+        (lambda: grid_flow(1, start), TypeError, r"^denoiser must be callable D\(x, sigma\)"),
+        (lambda: grid_flow(_D, start, heun_denoiser=1), TypeError,
+         r"^heun_denoiser must be callable D\(x, sigma\)"),
+        (lambda: grid_flow(_D, start, num_points=0), V, r"^num_points must be an int"),
+        (lambda: grid_flow(_D, start, num_points=2), V, r"^num_points must be >= 3, got 2"),
+        (lambda: grid_flow(_D, start, width=0.0), V, r"^width must be > 0"),
+        (lambda: grid_flow(_D, start, fd_rel=0.0), V, r"^fd_rel must be > 0"),
+        (lambda: grid_flow(_D, start, gap_factor=0.0), V, r"^gap_factor must be > 0"),
+        (lambda: grid_flow(_D, start, gap_factor=0.5), V, r"^gap_factor must be >= 1, got 0.5"),
+        (lambda: grid_flow(_D, ring), V, r"^grid_flow needs a 1-D start law, got dim=2"),
+        (lambda: grid_flow(lambda x, s: x[:, :0], start, num_points=5, num_steps=2), V,
+         r"^denoiser returned shape \(5, 0\), expected x's shape \(5, 1\)"),
+        (lambda: grid_flow(_D, start, heun_denoiser=lambda x, s: x[:, :0], num_points=5,
+                           num_steps=2), V,
+         r"^heun_denoiser returned shape \(5, 0\), expected x's shape \(5, 1\)"),
+        (lambda: grid_density(lambda y: -y[:, 0] ** 2, math.nan, 1.0), V, r"^lo must be finite"),
+        (lambda: grid_density(lambda y: -y[:, 0] ** 2, 0.0, math.inf), V, r"^hi must be finite"),
+        (lambda: grid_density(lambda y: -y[:, 0] ** 2, 1.0, 1.0), V, r"^lo must be < hi"),
+        (lambda: grid_density(lambda y: -y[:, 0] ** 2, 0.0, 1.0, 0), V, r"^num_points must be an int"),
+        (lambda: grid_density(lambda y: -y[:, 0] ** 2, 0.0, 1.0, 2), V, r"^num_points must be >= 3"),
+        (lambda: grid_kl(1, lambda y: y[:, 0], 0.0, 1.0), TypeError, r"^flow must be a dgref.gridflow"),
+        (lambda: grid_w1(1, lambda y: y[:, 0], 0.0, 1.0), TypeError, r"^flow must be a dgref.gridflow"),
+        (lambda: _flow()._replace(monotone=False).entropy(), V, r"^the grid map is not monotone"),
+        (lambda: grid_kl(_flow()._replace(monotone=False), lambda y: y[:, 0], 0.0, 1.0), V,
+         r"^the grid map is not monotone: KL needs"),
+        # labelled worlds
+        (lambda: UniformIntervals([0.0, 1.0]), V, r"^intervals must have 2 dim"),
+        (lambda: UniformIntervals([[0.0, 1.0, 2.0]]), V, r"^intervals must have last dimension 2"),
+        (lambda: UniformIntervals([[0.0, math.inf]]), V, r"^intervals must be finite"),
+        (lambda: u.log_prob(torch.zeros(4, dtype=DT)), V, r"^x must have 2 dim"),
+        (lambda: u.log_prob(x2), V, r"^x must have last dimension 1"),
+        (lambda: u.log_prob(torch.full((4, 1), math.nan, dtype=DT)), V, r"^x must be finite"),
+        (lambda: u.log_prob(x1, -1.0), V, r"^sigma must be finite and >= 0"),
+        (lambda: u.log_prob(x1, torch.ones(3, dtype=DT)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: u.score(x1, 0.0), V, r"^sigma must be finite and > 0"),
+        (lambda: u.score(x1, torch.ones(3, dtype=DT)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: u.sample(0), V, r"^num_samples must be an int"),
+        (lambda: u.sample(3, -1.0), V, r"^sigma must be >= 0"),
+        (lambda: pair.log_prob(x2), V, r"^x must have last dimension 1"),
+        (lambda: pair.log_prob(torch.zeros(4, dtype=DT)), V, r"^x must have 2 dim"),
+        (lambda: pair.log_prob(torch.full((4, 1), math.nan, dtype=DT)), V, r"^x must be finite"),
+        (lambda: pair.log_prob(x1, -1.0), V, r"^sigma must be finite and >= 0"),
+        (lambda: pair.log_prob(x1, torch.ones(3, dtype=DT)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: pair.score(x1, 0.0), V, r"^sigma must be finite and > 0"),
+        (lambda: pair.score(x1, torch.ones(3, dtype=DT)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: pair.grad_log_classifier(x1, 0.0, 0), V, r"^sigma must be finite and > 0"),
+        (lambda: pair.grad_log_classifier(x1, torch.ones(3, dtype=DT), 0), V,
+         r"^sigma must have shape \(4,\)"),
+        (lambda: pair.grad_log_classifier(x1, 1.0, 2), V,
+         r"^labels must be in 0\.\.1 \(no null label here\)"),
+        (lambda: pair.denoise(x1, 1.0, 3), V, r"^labels must be in 0\.\.2 \(the last is the null"),
+        (lambda: pair.denoise(x1, 1.0, torch.zeros(3, dtype=torch.long)), V,
+         r"^labels must have shape \(4,\)"),
+        (lambda: pair.tilted_log_density(x1, 0, math.inf), V, r"^w must be finite"),
+        (lambda: dgref.gaussian_pair(0.0), V, r"^separation must be > 0"),
+        (lambda: dgref.gaussian_pair(2.0, 0.0), V, r"^std must be > 0"),
+        (lambda: three_classes_1d(0.0), V, r"^spacing must be > 0"),
+        (lambda: three_classes_1d(2.0, 0.0), V, r"^std must be > 0"),
+        (lambda: labelled_ring(0), V, r"^num_modes must be an int"),
+        (lambda: labelled_ring(6, 0), V, r"^num_classes must be an int"),
+        (lambda: labelled_ring(2, 3), V, r"^num_classes must be <= num_modes=2, got 3"),
+        (lambda: uniform_classes_1d(((0.0, 1.0),), weights=[0.5, 0.5]), V,
+         r"^weights must have shape \(1,\)"),
+        # toy worlds
+        (lambda: dgref.GaussianMixture(torch.zeros(2, 1, 1)), V, r"^means must have 2 dim"),
+        (lambda: dgref.GaussianMixture([[0.0, math.nan]]), V, r"^means must be finite"),
+        (lambda: ring.log_prob(x1), V, r"^x must have last dimension 2"),
+        (lambda: ring.log_prob(torch.zeros(4, dtype=DT)), V, r"^x must have 2 dim"),
+        (lambda: ring.log_prob(nan2), V, r"^x must be finite"),
+        (lambda: ring.log_prob(x2, -1.0), V, r"^sigma must be finite and >= 0"),
+        (lambda: ring.log_prob(x2, torch.ones(3, dtype=DT)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: ring.sample(0), V, r"^num_samples must be an int"),
+        (lambda: ring.sample(3, -1.0), V, r"^sigma must be finite and >= 0"),
+        (lambda: ring.sample(3, torch.ones(3)), V, r"^sigma for sample\(\) must be a single"),
+        (lambda: dgref.ring(0), V, r"^num_modes must be an int"),
+        (lambda: dgref.grid_world(0), V, r"^side must be an int"),
+    ]
+
+
+N_CASES = 96
+
+
+def test_case_count():
+    assert len(_cases()) == N_CASES
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_bad_input_named_exactly(i):
+    call, exc, msg = _cases()[i]
+    with pytest.raises(exc, match=msg):
+        call()
