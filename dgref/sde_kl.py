@@ -140,6 +140,8 @@ def kernel_state(denoiser, latents: torch.Tensor, *, sigma_end: float,
     if sampler not in _SAMPLERS:
         raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
     allowed = _SCHEDULE_ARGS | (_CHURN_ARGS if sampler == "heun_churn" else set())
+    if sampler != "heun_churn" and sampler_kwargs.get("heun_denoiser", 0) is None:
+        sampler_kwargs.pop("heun_denoiser")          # "no Heun denoiser": nothing to apply
     unknown = sorted(set(sampler_kwargs) - allowed)
     if unknown:
         hint = " (churn options apply to sampler='heun_churn' only)" if set(unknown) & \
@@ -316,10 +318,15 @@ def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_m
             ``"heun_churn"`` also ``S_churn``, ``S_min``, ``S_max``, ``S_noise``,
             ``heun_denoiser``.
 
-    Returns a :class:`KLEstimate`. **Cost:** one sampler run of ``M`` particles (up to the
-    picked level) plus kernel sums over the ``n x M`` pairs within reach (about 0.4 s for
-    ``M = 10000``, ``n = 2000`` on one CPU core); with a guided MLP discriminator the
-    sampler run dominates.
+    Returns a :class:`KLEstimate`. **Cost:** one sampler run of ``M`` particles down to the
+    picked level, plus kernel sums over the ``n x M`` pairs within reach (0.04 s for ``M =
+    10000``, ``n = 2000``; 0.16 s for ``20000, 4000``: the sampler dominates). On one CPU
+    core, ring world, ``sigma_end = 0.2``, Heun with churn guided on the Euler slope by a
+    width-64 MLP discriminator: 1.9 s (64 steps, ``M = 10000``, ``n = 2000``, SE about 0.01,
+    ``ess_q01`` about 30), 3.3 s (64 steps, ``20000, 4000``, SE about 0.006), 5.9 s (128
+    steps, ``20000, 4000``). The SE falls as ``1/sqrt(n)`` and ``1/sqrt(M)`` (its two parts
+    are reported); at a fixed level more steps mean a narrower last kernel and fewer effective
+    particles (Euler-Maruyama at 128 steps needs ``M = 20000`` at ``sigma_end = 0.2``).
     """
     if not all(hasattr(data, a) for a in ("log_prob", "sample", "dim")):
         raise TypeError(f"data must be a GaussianMixture (log_prob(x, sigma) and sample(n, "

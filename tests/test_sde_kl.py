@@ -303,6 +303,9 @@ def test_bad_input_names_the_argument():
         sde_kl_estimate(p, q, sigma_end=0.2, sampler="euler", **ok)
     with pytest.raises(TypeError, match="S_churn"):
         sde_kl_estimate(p, q, sigma_end=0.2, S_churn=10.0, **ok)
+    with pytest.raises(TypeError, match="heun_denoiser"):
+        sde_kl_estimate(p, q, sigma_end=0.2, heun_denoiser=q, **ok)
+    sde_kl_estimate(p, q, sigma_end=0.2, heun_denoiser=None, warn=False, **ok)   # "none": fine
     for name, bad in (("num_particles", 0), ("num_eval", -3), ("num_steps", 0)):
         with pytest.raises(ValueError, match=name):
             sde_kl_estimate(p, q, sigma_end=0.2, **(ok | {name: bad}))
