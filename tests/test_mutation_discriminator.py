@@ -381,3 +381,29 @@ def test_loguniform_levels_without_a_generator():
     assert s.dtype == torch.float32 and s.device.type == "cpu"
     assert bool(((s >= 0.1 * (1 - 1e-6)) & (s <= 3.0 * (1 + 1e-6))).all())
     torch.testing.assert_close(dens, 1 / (s * math.log(30.0)), rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3 (stratified sample of the rest of the module): the trainer's defaults and checks
+# --------------------------------------------------------------------------------------------
+def test_discriminator_trainer_default_lr_and_bad_input_before_any_draw():
+    x0, xf = _data(32)
+    a, b = _Quad(), _Quad()
+    la = dgref.train_discriminator(a, x_real=x0, x_fake=xf, steps=2, batch_size=8,
+                                   generator=_g(1))
+    lb = dgref.train_discriminator(b, x_real=x0, x_fake=xf, steps=2, batch_size=8, lr=1e-3,
+                                   generator=_g(1))
+    assert la == lb
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    # a bad level distribution fails before anything is drawn: the generator is untouched
+    for kw in (dict(sigma_dist="uniform"), dict(sigma_dist="lognormal", weighting="loguniform")):
+        g = _g(2)
+        with pytest.raises(ValueError, match="sigma_dist"):
+            dgref.train_discriminator(_Quad(), x_real=x0, x_fake=xf, steps=1, batch_size=8,
+                                      generator=g, **kw)
+        assert torch.equal(g.get_state(), _g(2).get_state())
+    with pytest.raises(ValueError, match=r"^x_fake must have at least 2"):
+        dgref.train_discriminator(_Quad(), x_real=x0, x_fake=xf[:, 0], steps=1)
+    with pytest.raises(ValueError, match=r"^x_real must be finite"):
+        dgref.train_discriminator(_Quad(), x_real=x0 * math.nan, x_fake=xf, steps=1)

@@ -231,3 +231,27 @@ def test_churn_window_defaults_to_every_level():
                                         generator=torch.Generator().manual_seed(8)))
     assert all(st.t_hat > st.t_cur for st in steps)
     torch.testing.assert_close(steps[-1].x_next, ref[-1][3], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3 (stratified sample of the rest of the module)
+# --------------------------------------------------------------------------------------------
+def test_precond_passes_positional_and_keyword_arguments_to_the_network():
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=DT))
+
+        def forward(self, x_in, c_noise, scale=1.0, *, shift=0.0):
+            return self.w * x_in * scale + c_noise[:, None] + shift
+
+    D = dgref.EDMPrecond(F(), sigma_data=0.6)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    s = torch.tensor([0.01, 0.3, 1.0, 5.0, 80.0], dtype=DT)
+    den = s ** 2 + 0.36
+    c_skip, c_out, c_in = 0.36 / den, s * 0.6 / den.sqrt(), 1 / den.sqrt()
+    for args, kw, scale, shift in (((), {}, 1.0, 0.0), ((2.0,), {}, 2.0, 0.0),
+                                   ((), {"shift": 0.5}, 1.0, 0.5), ((3.0,), {"shift": -1.0}, 3.0, -1.0)):
+        f = 0.7 * c_in[:, None] * x * scale + (s.log() / 4)[:, None] + shift
+        ref = c_skip[:, None] * x + c_out[:, None] * f
+        torch.testing.assert_close(D(x, s, *args, **kw), ref, rtol=1e-14, atol=1e-14)

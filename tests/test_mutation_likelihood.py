@@ -143,3 +143,21 @@ def test_score_error_integral_by_simpson():
                                  generator=_g(6), batch_size=3)
     v2, _ = dgref.score_error_kl(p, D, num_points=7, dtype=DT, generator=_g(6))
     assert v1 == pytest.approx(v2, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3 (stratified sample of the rest of the module)
+# --------------------------------------------------------------------------------------------
+def test_ode_likelihood_passes_extra_args_to_the_denoiser():
+    """extra_args reach the denoiser: positional (tuple or list) or keyword (dict)."""
+    g = _gauss()
+
+    def D(x, sigma, shift=0.0, *, scale=1.0):
+        return scale * g(x, sigma) + shift
+
+    def D_pos(x, sigma, shift):
+        return D(x, sigma, shift, scale=0.9)
+    base = dgref.ode_log_likelihood(lambda x, s: 0.9 * g(x, s) + 0.1, X, num_steps=4)
+    for fn, extra in ((D_pos, (0.1,)), (D_pos, [0.1]), (D, {"shift": 0.1, "scale": 0.9})):
+        got = dgref.ode_log_likelihood(fn, X, num_steps=4, extra_args=extra)
+        torch.testing.assert_close(got, base, rtol=0, atol=0)

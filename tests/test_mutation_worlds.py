@@ -225,3 +225,12 @@ def test_oracle_correction_and_train_cfg():
     b = run(lambda n: [r["loss"] for r in cfg_training_loop(n, world, steps=4, batch_size=16,
                                                              generator=_g(8))])
     assert len(a) == 4 and a == b
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3 (stratified sample of the rest of the modules)
+# --------------------------------------------------------------------------------------------
+def test_grid_world_coordinates_in_float64():
+    g = dgref.grid_world(3, 0.1, 0.2)
+    c = torch.tensor([-0.1, 0.0, 0.1], dtype=DT)
+    assert torch.equal(g.means, torch.cartesian_prod(c, c))        # exact, no float32 rounding
