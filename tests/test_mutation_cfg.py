@@ -394,3 +394,9 @@ def test_cfg_denoiser_per_call_labels_and_construction():
             return W(x, s, c)
     G = dgref.CFGDenoiser(Net(), lab, 1.5)
     assert G.null_label == 2 and type(G.null_label) is int
+
+
+def test_cfg_denoiser_names_a_wrong_output_shape():
+    G = dgref.CFGDenoiser(lambda x, s, c: x[:, :0], 1, 1.0, null_label=2)
+    with pytest.raises(ValueError, match=r"^denoiser returned shape \(6, 0\), expected x's"):
+        G(X, S)

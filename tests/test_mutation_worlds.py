@@ -234,3 +234,30 @@ def test_grid_world_coordinates_in_float64():
     g = dgref.grid_world(3, 0.1, 0.2)
     c = torch.tensor([-0.1, 0.0, 0.1], dtype=DT)
     assert torch.equal(g.means, torch.cartesian_prod(c, c))        # exact, no float32 rounding
+
+
+def test_component_labels_are_long_and_non_negative():
+    m = dgref.GaussianMixture([[0.0], [1.0]], labels=[0.0, 1.0])
+    assert m.labels.dtype == torch.long and m.labels.tolist() == [0, 1]
+    m = dgref.GaussianMixture([[0.0], [1.0]], labels=torch.tensor([1, 0], dtype=torch.int32))
+    assert m.labels.dtype == torch.long
+    with pytest.raises(ValueError, match=r"^component labels must be >= 0, got \[-1, 0\]"):
+        dgref.LabelledWorld(dgref.GaussianMixture([[0.0], [1.0]], labels=[-1, 0]))
+
+
+def test_grid_flow_method_and_non_monotone_fallback():
+    """A monotone map gives the output-coordinate law (method 'output'); a one-step sampler whose
+    map y = D(x) folds (slope 1 + 3 sin 2x < 0 in places) but never goes below its first image
+    falls back to the start-grid sum."""
+    start = dgref.mixture_1d((0.0,), (1.0,))
+    flow = grid_flow(lambda x, s: x / (1 + s[:, None] ** 2), start, num_points=33, num_steps=4)
+    assert flow.method == "output" and flow.monotone
+
+    def fold(x, s):
+        return x + 3 * torch.sin(x) ** 2 * (x > 0)
+    sig = torch.tensor([1.0, 0.0], dtype=DT)
+    f = grid_flow(fold, start, num_points=201, sigmas=sig, width=4.0)
+    x0 = torch.linspace(-4 * math.sqrt(2), 4 * math.sqrt(2), 201, dtype=DT)
+    assert f.method == "start" and not f.monotone and bool(f.log_density.isnan().all())
+    torch.testing.assert_close(f.x, x0, rtol=0, atol=0)
+    torch.testing.assert_close(f.y, fold(x0[:, None], None)[:, 0], rtol=0, atol=1e-15)
