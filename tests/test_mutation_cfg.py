@@ -400,3 +400,25 @@ def test_cfg_denoiser_names_a_wrong_output_shape():
     G = dgref.CFGDenoiser(lambda x, s, c: x[:, :0], 1, 1.0, null_label=2)
     with pytest.raises(ValueError, match=r"^denoiser returned shape \(6, 0\), expected x's"):
         G(X, S)
+
+
+def test_cfg_denoiser_hands_the_denoiser_sigma_of_shape_batch():
+    seen = []
+
+    def D(x, s, c):
+        seen.append(tuple(s.shape))
+        return x * s[:, None]
+    G = dgref.CFGDenoiser(D, 1, 1.0, null_label=2)
+    torch.testing.assert_close(G(X, 0.5), 0.5 * X, rtol=0, atol=0)
+    assert seen == [(6,), (6,)]
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(6,\) to match x"):
+        G(X, torch.ones(3, dtype=DT))
+
+
+def test_cfg_training_default_w_train_is_zero():
+    x0, lab = W.sample(32, generator=_g(4), dtype=torch.float32)
+
+    def run(**kw):
+        net = dgref.conditional_mlp_denoiser(1, 2, 0.5, hidden=4, depth=1, generator=_g(3))
+        return train_cfg(net, x0, lab, steps=2, batch_size=8, generator=_g(6), **kw)
+    assert run(loss="guided") == run(loss="standard") == run(loss="guided", w_train=0.0)
