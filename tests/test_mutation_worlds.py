@@ -261,3 +261,29 @@ def test_grid_flow_method_and_non_monotone_fallback():
     assert f.method == "start" and not f.monotone and bool(f.log_density.isnan().all())
     torch.testing.assert_close(f.x, x0, rtol=0, atol=0)
     torch.testing.assert_close(f.y, fold(x0[:, None], None)[:, 0], rtol=0, atol=1e-15)
+
+
+def test_toy_presets_in_float64_and_documented_defaults():
+    m = dgref.mixture_1d((-1.1, 2.3), (0.3, 0.7), weights=[0.25, 0.75])
+    assert torch.equal(m.means, torch.tensor([[-1.1], [2.3]], dtype=DT))
+    assert torch.equal(m.variances, torch.tensor([[0.3], [0.7]], dtype=DT) ** 2)
+    r = dgref.ring(4, weights=[0.1, 0.2, 0.3, 0.4])
+    assert torch.equal(r.weights, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DT))
+    w = r.reweighted(weights=[0.4, 0.3, 0.2, 0.1])
+    assert torch.equal(w.weights, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=DT))
+    assert torch.equal(w.variances, r.variances)
+    # sigma defaults to 0 (the data law) in log_prob, posterior and score
+    x = torch.tensor([[1.9, 0.1], [-0.2, 1.7], [0.3, -0.4]], dtype=DT)
+    for f in (r.log_prob, r.posterior, r.score):
+        torch.testing.assert_close(f(x), f(x, 0.0), rtol=0, atol=0)
+        assert not torch.allclose(f(x), f(x, 1.0))
+
+
+def test_grid_world_warns_nothing():
+    """meshgrid is called with its indexing: without it torch warns (and a later release will
+    require it)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = dgref.grid_world(2, 1.0)
+    assert g.means.tolist() == [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]
