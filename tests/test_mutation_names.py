@@ -151,10 +151,20 @@ def _cases():
         (lambda: ring.sample(3, torch.ones(3)), V, r"^sigma for sample\(\) must be a single"),
         (lambda: dgref.ring(0), V, r"^num_modes must be an int"),
         (lambda: dgref.grid_world(0), V, r"^side must be an int"),
-    ]
+        # device="cuda" on a machine without CUDA (the cheap cases of test_bad_input's list)
+    ] + ([] if torch.cuda.is_available() else [
+        (lambda: ring.sample(4, device="cuda"), V, CUDA),
+        (lambda: pair.sample(4, device="cuda"), V, CUDA),
+        (lambda: u.sample(4, device="cuda"), V, CUDA),
+        (lambda: kl_divergence(ring, ring, num_points=8, num_steps=2, device="cuda"), V, CUDA),
+        (lambda: score_error_kl(ring, ring, num_points=8, device="cuda"), V, CUDA),
+    ])
 
 
-N_CASES = 96
+CUDA = r"device='cuda' was requested but CUDA is not available"
+
+
+N_CASES = 96 if torch.cuda.is_available() else 101
 
 
 def test_case_count():
@@ -166,3 +176,16 @@ def test_bad_input_named_exactly(i):
     call, exc, msg = _cases()[i]
     with pytest.raises(exc, match=msg):
         call()
+
+
+@pytest.mark.parametrize("world", [dgref.ring(), uniform_classes_1d().base],
+                         ids=["mixture", "uniform"])
+def test_sampling_without_a_generator_uses_the_global_stream(world):
+    torch.manual_seed(3)
+    a, ka = world.sample(16, 0.2, return_components=True)
+    torch.manual_seed(3)
+    b, kb = world.sample(16, 0.2, return_components=True, generator=torch.default_generator)
+    assert torch.equal(a, b) and torch.equal(ka, kb) and a.dtype == torch.float32
+    torch.manual_seed(3)
+    c = world.sample(16, 0.2, device="cpu", dtype=DT)
+    assert c.dtype == DT and torch.allclose(c, b.double(), atol=1e-6)
