@@ -287,3 +287,35 @@ def test_grid_world_warns_nothing():
         warnings.simplefilter("error")
         g = dgref.grid_world(2, 1.0)
     assert g.means.tolist() == [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]
+
+
+def test_mixture_construction_edges():
+    GM = dgref.GaussianMixture
+    m = GM([0.0, 1.0, 3.0])                                   # 1-D means: K components, dim 1
+    assert m.means.shape == (3, 1) and m.dim == 1 and m.num_components == 3
+    assert torch.equal(m.weights, torch.full((3,), 1 / 3, dtype=DT))
+    assert torch.equal(m.variances, torch.ones(3, 1, dtype=DT))
+    GM([[0.0], [1.0]], [1.0, 0.0])                            # a zero weight is allowed
+    GM([[0.0], [1.0]], [0.5, 0.5 + 5e-7])                     # the sum within 1e-6
+    with pytest.raises(ValueError, match=r"^weights must sum to 1, got sum 1.000002"):
+        GM([[0.0], [1.0]], [0.5, 0.5 + 2e-6])
+    with pytest.raises(ValueError, match=r"^weights must sum to 1, got sum 0.999998"):
+        GM([[0.0], [1.0]], [0.5, 0.5 - 2e-6])
+    with pytest.raises(ValueError, match=r"^weights must be finite and >= 0"):
+        GM([[0.0], [1.0]], [math.nan, 1.0])
+    with pytest.raises(ValueError, match=r"^weights must be finite and >= 0"):
+        GM([[0.0], [1.0]], [math.inf, 1.0])
+    d = GM(torch.zeros(2, 3), None, torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
+    assert torch.equal(d.variances, torch.tensor([[1.0, 4.0, 9.0], [0.25, 0.25, 0.25]], dtype=DT))
+    iso = GM(torch.zeros(2, 3), None, [2.0, 0.5])
+    assert torch.equal(iso.variances, torch.tensor([[4.0] * 3, [0.25] * 3], dtype=DT))
+    with pytest.raises(ValueError, match=r"^stds must be a number, \(2,\) or \(2, 3\), got \(2, 2\)"):
+        GM(torch.zeros(2, 3), None, torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"^stds of shape \(K,\) must have K=2 entries, got \(3,\)"):
+        GM(torch.zeros(2, 3), None, [1.0, 1.0, 1.0])
+    for bad in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match=r"^stds must be finite and > 0"):
+            GM(torch.zeros(2, 3), None, bad)
+    with pytest.raises(ValueError, match=r"^labels must have shape \(2,\), got \(3,\)"):
+        GM(torch.zeros(2, 3), labels=[0, 1, 2])
+    assert GM(torch.zeros(2, 3)).labels is None
