@@ -319,3 +319,12 @@ def test_mixture_construction_edges():
     with pytest.raises(ValueError, match=r"^labels must have shape \(2,\), got \(3,\)"):
         GM(torch.zeros(2, 3), labels=[0, 1, 2])
     assert GM(torch.zeros(2, 3)).labels is None
+
+
+def test_mixture_sample_takes_sigma_as_a_number_or_a_0d_tensor():
+    r = dgref.ring()
+    a = r.sample(6, 0.5, generator=_g(1))
+    b = r.sample(6, torch.tensor(0.5), generator=_g(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"^sigma for sample\(\) must be a single number"):
+        r.sample(6, torch.full((1,), 0.5), generator=_g(1))
