@@ -328,3 +328,15 @@ def test_mixture_sample_takes_sigma_as_a_number_or_a_0d_tensor():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"^sigma for sample\(\) must be a single number"):
         r.sample(6, torch.full((1,), 0.5), generator=_g(1))
+
+
+def test_mixture_computes_in_the_dtype_of_x_after_another_dtype():
+    r = dgref.ring()
+    x64 = torch.tensor([[1.9, 0.1], [-0.2, 1.7]], dtype=DT)
+    for first, second in ((x64, x64.float()), (x64.float(), x64)):
+        r = dgref.ring()
+        for x in (first, second):
+            for f in (r.log_prob, r.posterior, r.score, r.denoise):
+                out = f(x, 0.3)
+                assert out.dtype == x.dtype
+                torch.testing.assert_close(out.double(), f(x64, 0.3), rtol=1e-5, atol=1e-6)
