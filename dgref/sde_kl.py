@@ -16,6 +16,7 @@ points of ``p_end`` estimates ``KL(p_end || q_end)``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import NamedTuple
@@ -25,9 +26,10 @@ import torch
 from ._checks import check_callable, check_output_shape, check_positive_float, \
     check_positive_int, check_tensor, checked_scope
 from .edm import _check_latents, _sampler_levels, edm_sampler_iter
-from .rng import randn
+from .rng import BatchGenerator, randn
 
-__all__ = ["KLEstimate", "sde_kl_estimate", "kernel_state", "KernelState"]
+__all__ = ["KLEstimate", "sde_kl_estimate", "paired_kl_difference", "KLTerms", "kernel_state",
+           "KernelState"]
 
 _SAMPLERS = ("euler_maruyama", "ancestral", "heun_churn")
 _SCHEDULE_ARGS = {"sigma_min", "sigma_max", "rho", "sigmas"}
@@ -63,7 +65,13 @@ class KLEstimate(NamedTuple):
     particles behind ``q_hat``; ``reliable``: ``ess_q01 >= 10`` (the validity rule);
     ``level``: the noise level compared (the schedule level nearest the requested
     ``sigma_end``; for ``"heun_churn"`` the churned level ``t_hat``); ``s``: the last kernel's
-    standard deviation; ``num_particles``, ``num_eval``: ``M`` and ``n``.
+    standard deviation; ``num_particles``, ``num_eval``: ``M`` and ``n``;
+    ``eval_fingerprint``: a hash of the evaluation points; ``noise_fingerprint``: a hash of
+    the latents and of the generator's state before the run (the particles' noise);
+    ``terms``: a :class:`KLTerms` with the per-point and per-particle terms when made with
+    ``return_terms=True``, else None. Two estimates with equal fingerprints, ``level``, ``s``,
+    ``M`` and ``n`` can be differenced with a paired standard error,
+    :func:`paired_kl_difference`.
     """
     kl: float
     se: float
@@ -79,6 +87,46 @@ class KLEstimate(NamedTuple):
     reliable: bool
     num_particles: int
     num_eval: int
+    eval_fingerprint: str = ""
+    noise_fingerprint: str = ""
+    terms: KLTerms | None = None
+
+
+class KLTerms(NamedTuple):
+    """The per-point and per-particle terms of a :class:`KLEstimate` (``return_terms=True``).
+
+    ``ell`` ``(n,)``: ``l_i = log p_end(Y_i) - log q_hat(Y_i)`` (``kl_raw`` is their mean);
+    ``g`` ``(M,)``: ``g_k = 1/n sum_i K_ik / q_hat(Y_i)``, in the order of the particles
+    (particle ``k`` is the run from latent row ``k``); the particle's first-order influence on
+    ``kl_raw`` is ``-(g_k - 1) / M``. Both float64 on the CPU. What
+    :func:`paired_kl_difference` needs.
+    """
+    ell: torch.Tensor
+    g: torch.Tensor
+
+
+def _fingerprint(*parts) -> str:
+    """A short hash of tensors' bytes (their dtype and shape included) and of strings."""
+    h = hashlib.sha1()
+    for x in parts:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        else:
+            h.update(str(x).encode())
+    return h.hexdigest()[:16]
+
+
+def _generator_state(generator) -> list:
+    """What decides the noise a generator will draw next (torch's global CPU one for None)."""
+    if generator is None:
+        return ["global", torch.get_rng_state()]
+    if isinstance(generator, BatchGenerator):
+        return ["batch"] + [g.get_state() for g in generator.generators]
+    if isinstance(generator, torch.Generator):
+        return [str(generator.device), generator.get_state()]
+    return [repr(generator)]        # rejected later by the sampler's own check
 
 
 def _pick_level(t, sampler, sigma_end, S_churn, S_min, S_max, S_noise):
@@ -259,7 +307,8 @@ def _kernel_sums(y: torch.Tensor, centres: torch.Tensor, s: float, *, chunk: int
 def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_maruyama",
                     num_steps: int = 64, num_particles: int = 10000, num_eval: int = 2000,
                     generator=None, eval_generator=None, latents: torch.Tensor | None = None,
-                    warn: bool = True, **sampler_kwargs) -> KLEstimate:
+                    warn: bool = True, return_terms: bool = False,
+                    **sampler_kwargs) -> KLEstimate:
     """``KL(p_sigma_end || q_sigma_end)`` of a stochastic sampler, with a standard error (book: chapter kl_objective).
 
     **What it estimates.** The data noised to the level ``sigma_end`` (``p_end``, closed form
@@ -314,6 +363,8 @@ def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_m
             or torch's global one when ``generator`` is None).
         latents: optional unit-normal ``(M, dim)`` latents (default drawn from ``generator``).
         warn: issue a ``UserWarning`` when the estimate is flagged unreliable.
+        return_terms: keep the per-point terms ``l_i`` and the per-particle terms ``g_k`` in
+            ``.terms`` (``n + M`` floats), for :func:`paired_kl_difference`.
         sampler_kwargs: ``sigma_min``, ``sigma_max``, ``rho``, ``sigmas``; for
             ``"heun_churn"`` also ``S_churn``, ``S_min``, ``S_max``, ``S_noise``,
             ``heun_denoiser``.
@@ -341,7 +392,10 @@ def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_m
         raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
     if not isinstance(warn, bool):
         raise TypeError(f"warn must be True or False, got {warn!r}")
+    if not isinstance(return_terms, bool):
+        raise TypeError(f"return_terms must be True or False, got {return_terms!r}")
     dim = data.dim
+    noise_state = _generator_state(generator)       # before anything is drawn from it
     if latents is None:
         latents = randn((M, dim), generator, dtype=torch.float64)
     else:
@@ -365,6 +419,7 @@ def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_m
     se_particles = float(ks.g.std()) / math.sqrt(M)
     ess_q01 = float(torch.quantile(ks.ess, 0.01))
     reliable = bool(ess_q01 >= _MIN_ESS)
+    terms = KLTerms(ell.detach().clone(), ks.g.detach().clone()) if return_terms else None
     if not reliable and warn:
         warnings.warn(f"sde_kl_estimate: ess_q01 = {ess_q01:.3g} < {_MIN_ESS:g} effective "
                       f"particles at the level {st.level:.4g}: the first-order bias correction "
@@ -374,4 +429,68 @@ def sde_kl_estimate(data, denoiser, *, sigma_end: float, sampler: str = "euler_m
                       bias=bias, kl_half=float((log_p - ks.log_q_half).mean()),
                       se_eval=se_eval, se_particles=se_particles,
                       ess_median=float(ks.ess.median()), ess_q01=ess_q01, level=st.level,
-                      s=st.s, reliable=reliable, num_particles=M, num_eval=n)
+                      s=st.s, reliable=reliable, num_particles=M, num_eval=n,
+                      eval_fingerprint=_fingerprint(y), terms=terms,
+                      noise_fingerprint=_fingerprint(latents, *noise_state))
+
+
+def paired_kl_difference(a: KLEstimate, b: KLEstimate) -> tuple[float, float]:
+    """``(a.kl - b.kl, its standard error)`` for two models run on the same noise and points (book: chapter kl_objective).
+
+    Two estimates of :func:`sde_kl_estimate` made with ``return_terms=True``, the same
+    evaluation points (same ``eval_generator``, ``num_eval`` and level) and the same particle
+    noise (same ``latents`` / ``generator`` state, same ``num_particles``): particle ``k`` of
+    ``a`` and of ``b`` is the run of either model from the same noise, and ``Y_i`` is shared.
+    The difference of the bias-corrected KLs then has the delta-method variance
+
+        se^2 = Var_i(l_i^a - l_i^b) / n + Var_k(g_k^a - g_k^b) / M,
+
+    much smaller than ``a.se^2 + b.se^2`` when the two models are close (the shared noise
+    cancels). **Derivation.** ``kl_raw = mean_i l_i``, ``l_i = log p(Y_i) - log q_hat(Y_i)``,
+    ``q_hat(Y_i) = 1/M sum_k K_ik``. Conditional on the points, to first order in the
+    particles' empirical law ``log q_hat(Y_i) - log q(Y_i) = 1/M sum_k (K_ik / q(Y_i) - 1)``,
+    so ``kl_raw = mean_i[log p - log q] - 1/M sum_k (g_k - 1)``: a mean over the points plus
+    a mean over the particles of the influence ``-(g_k - 1)``, ``g_k = 1/n sum_i K_ik /
+    q_hat(Y_i)``. The difference ``a - b`` is the mean over the points of ``l^a_i - l^b_i``
+    plus the mean over the particles of ``-(g^a_k - g^b_k)``; the pairs ``(g^a_k, g^b_k)`` are
+    independent over ``k`` (one noise sequence each) and independent of the points, so the two
+    variances add as above (the sign matters: the pairs are positively correlated, and a
+    plus sign would add what the difference cancels). The bias corrections are differenced
+    too (``a.kl - b.kl``); their own error is of higher order. Valid when both estimates are
+    (``reliable``); the same rule applies.
+
+    Raises ``TypeError`` unless both are :class:`KLEstimate` with ``terms``, and
+    ``ValueError`` naming the argument of :func:`sde_kl_estimate` in which they differ:
+    ``num_eval``, ``num_particles``, ``sigma_end`` (the level compared; also ``sampler``,
+    ``num_steps`` and the schedule, which set the last kernel), ``eval_generator`` (the
+    evaluation points), ``generator`` / ``latents`` (the particles' noise).
+    """
+    for name, e in (("a", a), ("b", b)):
+        if not isinstance(e, KLEstimate):
+            raise TypeError(f"{name} must be a KLEstimate (from sde_kl_estimate), got "
+                            f"{type(e).__name__}")
+        if e.terms is None:
+            raise TypeError(f"{name} has no per-point and per-particle terms: make it with "
+                            "sde_kl_estimate(..., return_terms=True)")
+    checks = [
+        ("num_eval", a.num_eval == b.num_eval, f"{a.num_eval} and {b.num_eval}"),
+        ("num_particles", a.num_particles == b.num_particles,
+         f"{a.num_particles} and {b.num_particles}"),
+        ("sigma_end", a.level == b.level, f"levels compared {a.level:.6g} and {b.level:.6g}"),
+        ("sampler, num_steps or the schedule", a.s == b.s,
+         f"last kernels' s {a.s:.6g} and {b.s:.6g} at the same level"),
+        ("generator / latents", a.noise_fingerprint == b.noise_fingerprint,
+         "different particle noise (latents or the generator's state before the run)"),
+        ("eval_generator", a.eval_fingerprint == b.eval_fingerprint,
+         "different evaluation points"),
+    ]
+    for arg, same, what in checks:
+        if not same:
+            raise ValueError(f"paired_kl_difference needs two estimates made with the same "
+                             f"{arg}: a and b differ ({what}); a paired standard error "
+                             "needs the same evaluation points and the same particle noise")
+    n, M = a.num_eval, a.num_particles
+    d_ell = a.terms.ell - b.terms.ell
+    d_g = a.terms.g - b.terms.g           # influence on a.kl - b.kl: -(g_k^a - g_k^b)
+    var = float(d_ell.var()) / n + float(d_g.var()) / M
+    return a.kl - b.kl, math.sqrt(var)

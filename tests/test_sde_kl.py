@@ -1,7 +1,7 @@
 """Tests of dgref.sde_kl (the 2-D KL of the stochastic samplers at a noise level, with an SE):
 brute-force kernel sums, exact replay of the package samplers (guided ones too), closed-form
 Gaussian laws, the exact 1-D grid laws of dgref.sde_density in a product world, the bias
-correction, and bad input."""
+correction, paired differences of two models on shared noise and points, and bad input."""
 import math
 import warnings
 
@@ -12,7 +12,8 @@ import dgref
 from dgref.constructions import oscillation_correction
 from dgref.discriminator import dg_sampler_kwargs
 from dgref.sde_density import gaussian_sampler_law, grid_flow_sde, grid_kl_from
-from dgref.sde_kl import KLEstimate, _kernel_sums, kernel_state, sde_kl_estimate
+from dgref.sde_kl import KLEstimate, _kernel_sums, kernel_state, paired_kl_difference, \
+    sde_kl_estimate
 
 f64 = torch.float64
 CHURN = dict(S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003)
@@ -208,6 +209,105 @@ def test_gaussian_world_against_the_exact_gaussian_law(sampler, kw):
     assert est.reliable
     assert abs(est.kl - exact) < 4 * est.se, (est, exact)
     assert est.se < 0.25 * exact
+
+
+# --- paired differences ---------------------------------------------------------------------
+def _gauss_model(mu, var):
+    return dgref.GaussianMixture([[mu, mu]], [1.0], math.sqrt(var))
+
+
+def _gauss_exact_kl(mu_p, v_p, mu_q, v_q, sampler, N, level, kw):
+    """The exact KL at ``level`` of the sampler run on the Gaussian model N(mu_q, v_q I)."""
+    step = level if sampler != "heun_churn" else level / (1 + min(40 / N, math.sqrt(2) - 1))
+    m, v = gaussian_sampler_law(mu_q, v_q, sampler=sampler, num_steps=N, sigma_end=step, **kw)
+    return _gauss_kl(mu_p, v_p + level ** 2, m, v, 2)
+
+
+def test_paired_difference_of_an_estimate_with_itself_is_zero():
+    p, q = ring_pair()
+    kw = dict(sigma_end=0.3, num_steps=24, num_particles=300, num_eval=80, warn=False,
+              return_terms=True)
+    a = sde_kl_estimate(p, q, generator=gen(7), **kw)
+    assert paired_kl_difference(a, a) == (0.0, 0.0)
+    b = sde_kl_estimate(p, q, generator=gen(7), **kw)           # the same seed: the same terms
+    assert paired_kl_difference(a, b) == (0.0, 0.0)
+    assert a.terms.ell.shape == (80,) and a.terms.g.shape == (300,)
+    assert a.kl_raw == pytest.approx(float(a.terms.ell.mean()), abs=1e-12)
+
+
+def test_paired_difference_against_the_exact_gaussian_laws():
+    """Two close Gaussian models, Heun with churn (as in the book): the paired difference is
+    within 4 paired SE of the exact one, and its SE is far below the unpaired one."""
+    mu_p, v_p, N = 0.3, 0.25, 32
+    models = [(0.0, 0.5), (0.05, 0.45)]
+    a, b = (sde_kl_estimate(dgref.GaussianMixture([[mu_p, mu_p]], [1.0], math.sqrt(v_p)),
+                            _gauss_model(m, v), sigma_end=0.25, sampler="heun_churn",
+                            num_steps=N, num_particles=3000, num_eval=2000, generator=gen(21),
+                            return_terms=True, **CHURN) for m, v in models)
+    exact = [_gauss_exact_kl(mu_p, v_p, m, v, "heun_churn", N, a.level, CHURN)
+             for m, v in models]
+    d, se = paired_kl_difference(a, b)
+    assert a.reliable and b.reliable
+    assert d == a.kl - b.kl
+    assert abs(d - (exact[0] - exact[1])) < 4 * se, (d, se, exact)
+    unpaired = math.hypot(a.se, b.se)
+    assert se < 0.2 * unpaired, (se, unpaired)              # the shared noise cancels
+    assert abs(exact[0] - exact[1]) > 5 * se                  # the difference is resolved
+
+
+def test_paired_difference_z_scores_have_unit_spread():
+    """16 independent replications, Euler-Maruyama, M < n so the particle term dominates the
+    paired SE: the z-scores against the exact difference have a standard deviation near 1."""
+    mu_p, v_p, N = 0.3, 0.25, 32
+    p = _gauss_model(mu_p, v_p)
+    models = [(0.0, 0.5), (0.05, 0.45)]
+    z = []
+    for r in range(16):
+        a, b = (sde_kl_estimate(p, _gauss_model(m, v), sigma_end=0.25, num_steps=N,
+                                num_particles=1000, num_eval=3000, generator=gen(300 + r),
+                                return_terms=True, warn=False) for m, v in models)
+        if r == 0:
+            exact = [_gauss_exact_kl(mu_p, v_p, m, v, "euler_maruyama", N, a.level, {})
+                     for m, v in models]
+        d, se = paired_kl_difference(a, b)
+        z.append((d - (exact[0] - exact[1])) / se)
+    z = torch.tensor(z, dtype=f64)
+    assert 0.5 < float(z.std()) < 1.6, z
+    assert abs(float(z.mean())) < 3 * 1.6 / math.sqrt(len(z)), z
+
+
+def test_paired_difference_refuses_unpaired_estimates():
+    p, q = ring_pair()
+    ok = dict(sigma_end=0.3, num_steps=16, num_particles=40, num_eval=20, warn=False,
+              return_terms=True)
+    a = sde_kl_estimate(p, q, generator=gen(1), **ok)
+    lat = torch.randn(40, 2, dtype=f64, generator=gen(9))
+    cases = {
+        "num_eval": dict(ok, num_eval=21, generator=gen(1)),
+        "num_particles": dict(ok, num_particles=41, generator=gen(1)),
+        "sigma_end": dict(ok, sigma_end=0.6, generator=gen(1)),
+        "sampler": dict(ok, sampler="ancestral", generator=gen(1)),
+        "generator": dict(ok, generator=gen(2), eval_generator=gen(int(torch.randint(
+            0, 2 ** 62, (1,), generator=gen(1))))),
+        "latents": dict(ok, generator=gen(1), latents=lat),
+        "eval_generator": dict(ok, generator=gen(1), eval_generator=gen(5)),
+    }
+    for arg, kw in cases.items():
+        b = sde_kl_estimate(p, q, **kw)
+        with pytest.raises(ValueError, match=arg):
+            paired_kl_difference(a, b)
+        with pytest.raises(ValueError, match=arg):
+            paired_kl_difference(b, a)
+    # a model from the same seed but another denoiser pairs fine
+    paired_kl_difference(a, sde_kl_estimate(p, p, generator=gen(1), **ok))
+    no_terms = sde_kl_estimate(p, q, generator=gen(1), **(ok | {"return_terms": False}))
+    assert no_terms.terms is None and no_terms.eval_fingerprint == a.eval_fingerprint
+    with pytest.raises(TypeError, match="b .*return_terms=True"):
+        paired_kl_difference(a, no_terms)
+    with pytest.raises(TypeError, match="a must be a KLEstimate"):
+        paired_kl_difference((a.kl, a.se), a)
+    with pytest.raises(TypeError, match="return_terms"):
+        sde_kl_estimate(p, q, generator=gen(1), **(ok | {"return_terms": 1}))
 
 
 def _product_world():
