@@ -407,3 +407,42 @@ def test_discriminator_trainer_default_lr_and_bad_input_before_any_draw():
         dgref.train_discriminator(_Quad(), x_real=x0, x_fake=xf[:, 0], steps=1)
     with pytest.raises(ValueError, match=r"^x_real must be finite"):
         dgref.train_discriminator(_Quad(), x_real=x0 * math.nan, x_fake=xf, steps=1)
+
+
+def test_trainer_passes_weight_decay_and_check_every():
+    x0, xf = _data(32)
+
+    def run(**kw):
+        d = _Quad()
+        dgref.train_discriminator(d, x_real=x0, x_fake=xf, steps=2, batch_size=8,
+                                  generator=_g(1), lr=0.1, **kw)
+        return torch.cat([p.detach().reshape(-1) for p in d.parameters()])
+    assert not torch.equal(run(weight_decay=0.5), run(weight_decay=0.01))
+    full = run()
+    part = _Quad()
+    it = dgref.discriminator.discriminator_training_loop(
+        part, x_real=x0, x_fake=xf, steps=3, batch_size=8, generator=_g(1), lr=0.1,
+        check_every=3)
+    next(it)                                  # the first record comes after three steps
+    three = _Quad()
+    dgref.train_discriminator(three, x_real=x0, x_fake=xf, steps=3, batch_size=8,
+                              generator=_g(1), lr=0.1)
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in part.parameters()]),
+                               torch.cat([p.detach().reshape(-1) for p in three.parameters()]),
+                               rtol=0, atol=0)
+    assert not torch.equal(full, torch.cat([p.detach().reshape(-1) for p in three.parameters()]))
+
+
+def test_relative_kl_loss_is_zero_for_the_zero_discriminator():
+    """relative=True subtracts the loss at d = 0, CE term included (2 log 2 per example):
+    a discriminator that is identically 0 gives exactly 0."""
+    x0, xf = _data()
+    d = _Quad()
+    with torch.no_grad():
+        d.a.zero_()
+        d.b.zero_()
+    q = dgref.ring().reweighted(stds=0.3)
+    for gamma in (0.0, 0.7):
+        rel = dgref.kl_loss(d, q, x0, gamma=gamma, x_fake=xf, relative=True, generator=_g(2),
+                            reduction="none")
+        torch.testing.assert_close(rel, torch.zeros(8, dtype=DT), rtol=0, atol=1e-12)

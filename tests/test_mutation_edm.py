@@ -255,3 +255,41 @@ def test_precond_passes_positional_and_keyword_arguments_to_the_network():
         f = 0.7 * c_in[:, None] * x * scale + (s.log() / 4)[:, None] + shift
         ref = c_skip[:, None] * x + c_out[:, None] * f
         torch.testing.assert_close(D(x, s, *args, **kw), ref, rtol=1e-14, atol=1e-14)
+
+
+def test_precond_checks_x_and_sigma_and_hands_c_noise_of_shape_batch():
+    seen = []
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0, dtype=DT))
+
+        def forward(self, x_in, c_noise):
+            seen.append(tuple(c_noise.shape))
+            return self.w * x_in
+    D = dgref.EDMPrecond(F())
+    x = _lat(5)
+    D(x, 0.7)
+    assert seen == [(5,)]
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(5,\) to match x"):
+        D(x, torch.ones(3, dtype=DT))
+    with pytest.raises(ValueError, match=r"^x must have at least 2"):
+        D(x[:, 0], 0.7)
+
+
+def test_edm_loss_passes_extra_args_and_sde_sampler_names_the_shape():
+    x0 = _lat(6)
+    s = torch.linspace(0.2, 3.0, 6, dtype=DT)
+    p = dgref.ring()
+
+    def D(x, sigma, shift=0.0):
+        return p(x, sigma) + shift
+    for extra in ((0.3,), {"shift": 0.3}):
+        torch.testing.assert_close(
+            dgref.edm_loss(D, x0, sigma=s, generator=torch.Generator().manual_seed(1),
+                           extra_args=extra),
+            dgref.edm_loss(lambda x, sg: D(x, sg, 0.3), x0, sigma=s,
+                           generator=torch.Generator().manual_seed(1)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^denoiser returned shape \(6, 1\), expected x's"):
+        dgref.edm_sde_sampler(lambda x, sg: x[:, :1], _lat(6), num_steps=2)

@@ -161,3 +161,10 @@ def test_ode_likelihood_passes_extra_args_to_the_denoiser():
     for fn, extra in ((D_pos, (0.1,)), (D_pos, [0.1]), (D, {"shift": 0.1, "scale": 0.9})):
         got = dgref.ode_log_likelihood(fn, X, num_steps=4, extra_args=extra)
         torch.testing.assert_close(got, base, rtol=0, atol=0)
+
+
+def test_divergence_in_the_dtype_of_x():
+    x = torch.randn(4, 2, generator=_g(0)).to(torch.bfloat16)
+    out, div = divergence(lambda x, s: 0.5 * x, x, torch.ones(4, dtype=torch.bfloat16))
+    assert div.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert div.tolist() == [1.0] * 4

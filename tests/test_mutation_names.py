@@ -151,6 +151,8 @@ def _cases():
         (lambda: ring.sample(3, torch.ones(3)), V, r"^sigma for sample\(\) must be a single"),
         (lambda: dgref.ring(0), V, r"^num_modes must be an int"),
         (lambda: dgref.grid_world(0), V, r"^side must be an int"),
+        (lambda: dgref.oracle_logit(ring, 1), TypeError, r"^q must be a GaussianMixture"),
+        (lambda: dgref.oracle_logit(1, ring), TypeError, r"^p must be a GaussianMixture"),
         # device="cuda" on a machine without CUDA (the cheap cases of test_bad_input's list)
     ] + ([] if torch.cuda.is_available() else [
         (lambda: ring.sample(4, device="cuda"), V, CUDA),
@@ -158,13 +160,14 @@ def _cases():
         (lambda: u.sample(4, device="cuda"), V, CUDA),
         (lambda: kl_divergence(ring, ring, num_points=8, num_steps=2, device="cuda"), V, CUDA),
         (lambda: score_error_kl(ring, ring, num_points=8, device="cuda"), V, CUDA),
+        (lambda: dgref.edm_sigma_steps(4, device="cuda"), V, CUDA),
     ])
 
 
 CUDA = r"device='cuda' was requested but CUDA is not available"
 
 
-N_CASES = 96 if torch.cuda.is_available() else 101
+N_CASES = 98 if torch.cuda.is_available() else 104
 
 
 def test_case_count():
@@ -189,3 +192,11 @@ def test_sampling_without_a_generator_uses_the_global_stream(world):
     torch.manual_seed(3)
     c = world.sample(16, 0.2, device="cpu", dtype=DT)
     assert c.dtype == DT and torch.allclose(c, b.double(), atol=1e-6)
+
+
+def test_sigma_steps_in_the_requested_dtype():
+    for dt in (torch.float32, DT):
+        t = dgref.edm_sigma_steps(4, 0.5, 2.0, dtype=dt)
+        assert t.dtype == dt
+        torch.testing.assert_close(t[[0, 3]].double(), torch.tensor([2.0, 0.5], dtype=DT))
+    assert dgref.edm_sigma_steps(4).dtype == DT
