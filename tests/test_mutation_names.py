@@ -200,3 +200,105 @@ def test_sigma_steps_in_the_requested_dtype():
         assert t.dtype == dt
         torch.testing.assert_close(t[[0, 3]].double(), torch.tensor([2.0, 0.5], dtype=DT))
     assert dgref.edm_sigma_steps(4).dtype == DT
+
+
+class _Half(torch.nn.Module):
+    """A raw network that returns one coordinate of two."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones((), dtype=DT))
+
+    def forward(self, x, c_noise):
+        return self.w * x[:, :1]
+
+
+def _edm_disc_cases():
+    from dgref.discriminator import logit_and_grad, sample_training_sigmas
+    from dgref.edm import edm_precond_coeffs, edm_sample_sigmas
+    x2 = torch.zeros(4, 2, dtype=DT)
+    ring = dgref.ring()
+    V = ValueError
+    disc = dgref.Discriminator(2, 0.5, hidden=4, depth=1, generator=torch.Generator().manual_seed(0))
+    return [
+        (lambda: edm_precond_coeffs(0.0, 0.5), V, r"^sigma must be finite and > 0"),
+        (lambda: edm_precond_coeffs(1.0, 0.0), V, r"^sigma_data must be > 0"),
+        (lambda: dgref.EDMPrecond(torch.nn.Linear(2, 2), 0.0), V, r"^sigma_data must be > 0"),
+        (lambda: dgref.EDMPrecond(torch.nn.Linear(2, 2).double())(x2, 0.0), V,
+         r"^sigma must be finite and > 0"),
+        (lambda: dgref.EDMPrecond(_Half())(x2, 1.0), V,
+         r"^the network returned shape \(4, 1\), expected x's shape \(4, 2\)"),
+        (lambda: edm_sample_sigmas(0), V, r"^batch must be an int"),
+        (lambda: edm_sample_sigmas(2, P_mean=math.inf), V, r"^P_mean must be finite"),
+        (lambda: edm_sample_sigmas(2, P_std=0.0), V, r"^P_std must be > 0"),
+        (lambda: dgref.edm_loss(ring, torch.zeros(4, dtype=DT)), V, r"^x0 must have at least 2"),
+        (lambda: dgref.edm_loss(ring, x2, sigma=torch.ones(3, dtype=DT)), V,
+         r"^sigma must have shape \(4,\) to match x"),
+        (lambda: dgref.edm_loss(lambda x, s: x[:, :1], x2), V,
+         r"^denoiser returned shape \(4, 1\), expected x0's shape"),
+        (lambda: dgref.edm_sigma_steps(0), V, r"^num_steps must be an int"),
+        (lambda: dgref.edm_sigma_steps(4, 0.0), V, r"^sigma_min must be > 0"),
+        (lambda: dgref.edm_sigma_steps(4, 1.0, 0.0), V, r"^sigma_max must be > 0"),
+        (lambda: dgref.edm_sigma_steps(4, rho=0.0), V, r"^rho must be > 0"),
+        (lambda: dgref.edm_sampler(ring, x2, heun_denoiser=1), TypeError,
+         r"^heun_denoiser must be callable"),
+        (lambda: dgref.edm_sampler(ring, torch.zeros(4, dtype=DT)), V,
+         r"^latents must have at least 2"),
+        (lambda: dgref.edm_sampler(ring, x2, S_churn=-1.0), V, r"^S_churn must be >= 0"),
+        (lambda: dgref.edm_sampler(ring, x2, S_min=-1.0), V, r"^S_min must be >= 0"),
+        (lambda: dgref.edm_sampler(ring, x2, S_noise=-1.0), V, r"^S_noise must be >= 0"),
+        (lambda: dgref.edm_sampler(ring, x2, S_max=-1.0), V, r"^S_max must be >= 0"),
+        (lambda: dgref.edm_sampler(ring, x2, heun_denoiser=lambda x, s: x[:, :1], num_steps=2),
+         V, r"^heun_denoiser returned shape \(4, 1\), expected x's"),
+        (lambda: dgref.edm_sampler(lambda x, s: x[:, :1], x2, num_steps=2), V,
+         r"^denoiser returned shape \(4, 1\), expected x's"),
+        (lambda: dgref.edm_sde_sampler(1, x2), TypeError, r"^denoiser must be callable"),
+        (lambda: dgref.edm_sde_sampler(ring, torch.zeros(4, dtype=DT)), V,
+         r"^latents must have at least 2"),
+        (lambda: dgref.Discriminator(0, 0.5), V, r"^dim must be an int"),
+        (lambda: dgref.Discriminator(2, 0.0), V, r"^sigma_data must be > 0"),
+        (lambda: dgref.Discriminator(2, 0.5, hidden=0), V, r"^hidden must be an int"),
+        (lambda: dgref.Discriminator(2, 0.5, depth=0), V, r"^depth must be an int"),
+        (lambda: disc(torch.zeros(4, 3), 1.0), V, r"^x must have last dimension 2"),
+        (lambda: disc(torch.zeros(4, 2, 1), 1.0), V, r"^x must have 2 dim"),
+        (lambda: disc(torch.zeros(4, 2), torch.ones(3)), V, r"^sigma must have shape \(4,\)"),
+        (lambda: logit_and_grad(1, x2, 1.0), TypeError,
+         r"^disc must be callable disc\(x, sigma\) -> \(B,\)"),
+        (lambda: logit_and_grad(disc, torch.zeros(4), 1.0), V, r"^x must have at least 2"),
+        (lambda: logit_and_grad(disc, x2.float(), torch.ones(3)), V,
+         r"^sigma must have shape \(4,\)"),
+        (lambda: sample_training_sigmas(0), V, r"^batch must be an int"),
+        (lambda: sample_training_sigmas(2, sigma_dist="loguniform", sigma_min=0.0), V,
+         r"^sigma_min must be > 0"),
+        (lambda: sample_training_sigmas(2, sigma_dist="loguniform", sigma_max=0.0), V,
+         r"^sigma_max must be > 0"),
+        (lambda: dgref.discriminator_guidance(ring, 1), TypeError,
+         r"^disc must be callable disc\(x, sigma\) -> \(B,\)"),
+        (lambda: dgref.discriminator_guidance(1, disc), TypeError, r"^denoiser must be callable"),
+        (lambda: dgref.discriminator_guidance(ring, disc, window=(2.0, 1.0)), V,
+         r"^window must have min <= max"),
+        (lambda: dgref.train_discriminator(disc, x_real=x2, x_fake=x2, steps=0), V,
+         r"^steps must be an int"),
+        (lambda: dgref.train_discriminator(disc, x_real=x2, x_fake=x2, steps=1, batch_size=0), V,
+         r"^batch_size must be an int"),
+        (lambda: dgref.train_discriminator(disc, x_real=x2, x_fake=x2, steps=1, lr=0.0), V,
+         r"^lr must be > 0"),
+        (lambda: dgref.train_discriminator(disc, x_real=x2, x_fake=x2, steps=1,
+                                           weight_decay=-1.0), V, r"^weight_decay must be >= 0"),
+        (lambda: dgref.train_discriminator(disc, x_real=x2, x_fake=x2, steps=1, gamma=-1.0), V,
+         r"^gamma must be >= 0"),
+    ]
+
+
+N_EDM_DISC = 46
+
+
+def test_edm_disc_case_count():
+    assert len(_edm_disc_cases()) == N_EDM_DISC
+
+
+@pytest.mark.parametrize("i", range(N_EDM_DISC))
+def test_edm_and_discriminator_bad_input_named_exactly(i):
+    call, exc, msg = _edm_disc_cases()[i]
+    with pytest.raises(exc, match=msg):
+        call()
