@@ -1,7 +1,8 @@
 """KL of a STOCHASTIC EDM sampler in 2-D (any low dimension), with a standard error.
 
 The multi-dimensional companion of :mod:`dgref.sde_density` (whose grids are exact in 1-D
-only): issue 11 item 2; used by the chapter kl_objective. See :func:`sde_kl_estimate`.
+only): issue 11 item 2; used by the chapter kl_objective. See :func:`sde_kl_estimate`, and
+:func:`paired_kl_difference` for the difference of two models run on the same noise.
 
 The idea in one line: the last noisy step of a stochastic sampler is a Gaussian kernel, so the
 sampler's law at a level ``sigma_end`` is a Gaussian mixture over the states one step earlier,
@@ -457,7 +458,7 @@ def paired_kl_difference(a: KLEstimate, b: KLEstimate) -> tuple[float, float]:
     variances add as above (the sign matters: the pairs are positively correlated, and a
     plus sign would add what the difference cancels). The bias corrections are differenced
     too (``a.kl - b.kl``); their own error is of higher order. Valid when both estimates are
-    (``reliable``); the same rule applies.
+    ``reliable`` (the validity rule of :func:`sde_kl_estimate`).
 
     Raises ``TypeError`` unless both are :class:`KLEstimate` with ``terms``, and
     ``ValueError`` naming the argument of :func:`sde_kl_estimate` in which they differ:
