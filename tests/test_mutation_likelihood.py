@@ -168,3 +168,11 @@ def test_divergence_in_the_dtype_of_x():
     out, div = divergence(lambda x, s: 0.5 * x, x, torch.ones(4, dtype=torch.bfloat16))
     assert div.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
     assert div.tolist() == [1.0] * 4
+
+
+def test_hutchinson_divergence_in_the_dtype_of_x():
+    x = torch.randn(4, 2, generator=_g(0)).to(torch.bfloat16)
+    probes = torch.ones(3, 4, 2, dtype=torch.bfloat16)
+    _, div = divergence(lambda x, s: 0.5 * x, x, torch.ones(4, dtype=torch.bfloat16),
+                        method="hutchinson", probes=probes)
+    assert div.dtype == torch.bfloat16 and div.tolist() == [1.0] * 4

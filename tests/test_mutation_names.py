@@ -3,6 +3,7 @@ the toy and labelled worlds, the likelihood and the grid flow raises with the ar
 and the expected form, so a check that names the wrong argument (or none) fails here. Each case
 is one cheap call."""
 import math
+import re
 
 import pytest
 import torch
@@ -167,16 +168,29 @@ def _cases():
 CUDA = r"device='cuda' was requested but CUDA is not available"
 
 
+def _ids(cases):
+    """Test ids from the expected messages (not the positions), so that a case added in the
+    middle of a list is a new test for mutmut's test-to-function map, not an old id whose
+    recorded coverage belongs to another case."""
+    ids, seen = [], {}
+    for _, _, msg in cases:
+        base = re.sub(r"[^0-9A-Za-z]+", "_", msg).strip("_")[:60]
+        seen[base] = seen.get(base, 0) + 1
+        ids.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return ids
+
+
 N_CASES = 98 if torch.cuda.is_available() else 104
+CASE_IDS = _ids(_cases())
 
 
 def test_case_count():
-    assert len(_cases()) == N_CASES
+    assert len(CASE_IDS) == N_CASES == len(set(CASE_IDS))
 
 
-@pytest.mark.parametrize("i", range(N_CASES))
-def test_bad_input_named_exactly(i):
-    call, exc, msg = _cases()[i]
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_bad_input_named_exactly(case):
+    call, exc, msg = _cases()[CASE_IDS.index(case)]
     with pytest.raises(exc, match=msg):
         call()
 
@@ -291,14 +305,15 @@ def _edm_disc_cases():
 
 
 N_EDM_DISC = 46
+EDM_DISC_IDS = _ids(_edm_disc_cases())
 
 
 def test_edm_disc_case_count():
-    assert len(_edm_disc_cases()) == N_EDM_DISC
+    assert len(EDM_DISC_IDS) == N_EDM_DISC == len(set(EDM_DISC_IDS))
 
 
-@pytest.mark.parametrize("i", range(N_EDM_DISC))
-def test_edm_and_discriminator_bad_input_named_exactly(i):
-    call, exc, msg = _edm_disc_cases()[i]
+@pytest.mark.parametrize("case", EDM_DISC_IDS)
+def test_edm_and_discriminator_bad_input_named_exactly(case):
+    call, exc, msg = _edm_disc_cases()[EDM_DISC_IDS.index(case)]
     with pytest.raises(exc, match=msg):
         call()
