@@ -446,3 +446,14 @@ def test_relative_kl_loss_is_zero_for_the_zero_discriminator():
         rel = dgref.kl_loss(d, q, x0, gamma=gamma, x_fake=xf, relative=True, generator=_g(2),
                             reduction="none")
         torch.testing.assert_close(rel, torch.zeros(8, dtype=DT), rtol=0, atol=1e-12)
+
+
+def test_trainer_accepts_the_cosine_schedule():
+    x0, xf = _data(32)
+
+    def run(schedule):
+        d = _Quad()
+        dgref.train_discriminator(d, x_real=x0, x_fake=xf, steps=3, batch_size=8, lr=0.1,
+                                  generator=_g(1), lr_schedule=schedule)
+        return torch.cat([p.detach().reshape(-1) for p in d.parameters()])
+    assert not torch.equal(run("cosine"), run("constant"))

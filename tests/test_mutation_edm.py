@@ -293,3 +293,17 @@ def test_edm_loss_passes_extra_args_and_sde_sampler_names_the_shape():
                            generator=torch.Generator().manual_seed(1)), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"^denoiser returned shape \(6, 1\), expected x's"):
         dgref.edm_sde_sampler(lambda x, sg: x[:, :1], _lat(6), num_steps=2)
+
+
+def test_precond_takes_sigma_in_x_dtype():
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=DT))
+
+        def forward(self, x_in, c_noise):
+            return self.w * x_in + c_noise[:, None]
+    D = dgref.EDMPrecond(F(), 0.6)
+    x = _lat(5)
+    s = torch.tensor([0.011, 0.3, 1.3, 5.7, 79.9])              # float32 levels
+    torch.testing.assert_close(D(x, s), D(x, s.double()), rtol=0, atol=0)

@@ -370,3 +370,59 @@ def test_grid_flow_backward_newton_stops_at_convergence():
     f = grid_flow(D, p, num_points=201, num_steps=8)
     assert f.method == "output" and f.y.numel() > 201          # points were inserted
     assert len(calls) <= 2 * 76, len(calls)
+
+
+def test_labelled_world_class_labels_alias_subsets_and_dtype():
+    pair = dgref.gaussian_pair(2.0, 0.5, weights=[0.3, 0.7])
+    x = torch.tensor([[-1.2], [0.1], [0.9]], dtype=DT)
+    lab = torch.tensor([1, 0, 2])
+    torch.testing.assert_close(pair(x, 0.4, class_labels=lab), pair(x, 0.4, lab), rtol=0, atol=0)
+    assert not torch.allclose(pair(x, 0.4, class_labels=lab), pair(x, 0.4))
+    assert pair.class_world(1).labels.tolist() == [1]
+    for f in (pair.log_prob, lambda x, s: pair.denoise(x, s, lab), pair.log_classifier):
+        out = f(x.float(), 0.4)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), f(x, 0.4), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_flow_ignores_the_start_law_normalisation_and_defaults():
+    """The start density is normalised on the grid: a start law known up to a constant gives
+    the same flow (inserted points included); the fallback has mass NaN; grid_kl's default
+    grid has 20001 points."""
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+
+    class Shifted:
+        dim = 1
+
+        def log_prob(self, x, sigma=0.0):
+            return p.log_prob(x, sigma) + 3.0
+
+        def mean(self):
+            return p.mean()
+
+        def std(self):
+            return p.std()
+    a = grid_flow(p, p, num_points=201, num_steps=8)
+    b = grid_flow(p, Shifted(), num_points=201, num_steps=8)
+    assert a.y.numel() > 201
+    torch.testing.assert_close(b.log_density, a.log_density, rtol=0, atol=1e-9)
+    torch.testing.assert_close(b.weights, a.weights, rtol=0, atol=1e-12)
+    from dgref.gridflow import grid_kl
+
+    def lt(y):
+        return p.log_prob(y)
+    assert grid_kl(a, lt, -6.0, 6.0) == grid_kl(a, lt, -6.0, 6.0, 20001)
+    fold = grid_flow(lambda x, s: x + 3 * torch.sin(x) ** 2 * (x > 0), dgref.mixture_1d((0.0,), (1.0,)),
+                     num_points=51, sigmas=torch.tensor([1.0, 0.0], dtype=DT), width=4.0)
+    assert fold.method == "start" and math.isnan(fold.mass)
+
+
+def test_grid_density_trapezoid_weights():
+    """Trapezoid weights 1/2 at both ends: with log q = y on [0, 1] and 3 points the
+    normaliser is (1/2 + e^(1/2) + e/2) / 2."""
+    from dgref.gridflow import grid_density
+    y, log_q, mean, var = grid_density(lambda y: y[:, 0], 0.0, 1.0, 3)
+    Z = (0.5 + math.exp(0.5) + 0.5 * math.e) / 2
+    torch.testing.assert_close(log_q, y - math.log(Z), rtol=0, atol=1e-15)
+    w = torch.tensor([0.25, 0.5, 0.25], dtype=DT) * y.exp() / Z
+    assert mean == pytest.approx(float((w * y).sum()), rel=1e-14)
