@@ -457,3 +457,13 @@ def test_trainer_accepts_the_cosine_schedule():
                                   generator=_g(1), lr_schedule=schedule)
         return torch.cat([p.detach().reshape(-1) for p in d.parameters()])
     assert not torch.equal(run("cosine"), run("constant"))
+
+
+def test_trainer_casts_fake_batches_to_the_real_dtype():
+    x0, xf = _data(32)
+
+    def run(fake):
+        d = _Quad()
+        return dgref.train_discriminator(d, x_real=x0, x_fake=fake, steps=2, batch_size=8,
+                                         generator=_g(1))
+    assert run(xf.float()) == run(xf.float().double())

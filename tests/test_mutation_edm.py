@@ -307,3 +307,15 @@ def test_precond_takes_sigma_in_x_dtype():
     x = _lat(5)
     s = torch.tensor([0.011, 0.3, 1.3, 5.7, 79.9])              # float32 levels
     torch.testing.assert_close(D(x, s), D(x, s.double()), rtol=0, atol=0)
+
+
+def test_edm_loss_draws_levels_with_p_mean_and_p_std():
+    p = dgref.ring()
+    x0 = _lat(8)
+    got = dgref.edm_loss(p, x0, P_mean=0.3, P_std=0.5, sigma_data=0.7,
+                         generator=torch.Generator().manual_seed(3), reduction="none")
+    g = torch.Generator().manual_seed(3)
+    s = (0.3 + 0.5 * dgref.randn((8,), g, dtype=DT)).exp()
+    n = dgref.randn(x0.shape, g, dtype=DT)
+    ref = (s ** 2 + 0.49) / (s * 0.7) ** 2 * ((p(x0 + s[:, None] * n, s) - x0) ** 2).sum(1)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)

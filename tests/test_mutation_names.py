@@ -162,6 +162,7 @@ def _cases():
         (lambda: kl_divergence(ring, ring, num_points=8, num_steps=2, device="cuda"), V, CUDA),
         (lambda: score_error_kl(ring, ring, num_points=8, device="cuda"), V, CUDA),
         (lambda: dgref.edm_sigma_steps(4, device="cuda"), V, CUDA),
+        (lambda: dgref.edm.edm_sample_sigmas(4, device="cuda"), V, CUDA),
     ])
 
 
@@ -180,7 +181,7 @@ def _ids(cases):
     return ids
 
 
-N_CASES = 98 if torch.cuda.is_available() else 104
+N_CASES = 98 if torch.cuda.is_available() else 105
 CASE_IDS = _ids(_cases())
 
 
@@ -251,6 +252,10 @@ def _edm_disc_cases():
         (lambda: dgref.edm_loss(lambda x, s: x[:, :1], x2), V,
          r"^denoiser returned shape \(4, 1\), expected x0's shape"),
         (lambda: dgref.edm_sigma_steps(0), V, r"^num_steps must be an int"),
+        (lambda: dgref.edm_sampler(ring, x2, sigmas=[3.0, 1.0, 2.0, 0.0]), V,
+         r"^sigmas must be a strictly decreasing"),
+        (lambda: dgref.CFGDenoiser(dgref.gaussian_pair(), torch.tensor([0, 1, 1]), 1.0)(
+            torch.zeros(4, 1, dtype=DT), 1.0), V, r"^labels must have shape \(4,\), got \(3,\)"),
         (lambda: dgref.edm_sigma_steps(4, 0.0), V, r"^sigma_min must be > 0"),
         (lambda: dgref.edm_sigma_steps(4, 1.0, 0.0), V, r"^sigma_max must be > 0"),
         (lambda: dgref.edm_sigma_steps(4, rho=0.0), V, r"^rho must be > 0"),
@@ -304,7 +309,7 @@ def _edm_disc_cases():
     ]
 
 
-N_EDM_DISC = 46
+N_EDM_DISC = 48
 EDM_DISC_IDS = _ids(_edm_disc_cases())
 
 
@@ -317,3 +322,13 @@ def test_edm_and_discriminator_bad_input_named_exactly(case):
     call, exc, msg = _edm_disc_cases()[EDM_DISC_IDS.index(case)]
     with pytest.raises(exc, match=msg):
         call()
+
+
+def test_logit_and_grad_takes_sigma_in_x_dtype():
+    from dgref.discriminator import logit_and_grad
+    disc = dgref.Discriminator(2, 0.5, hidden=4, depth=1,
+                               generator=torch.Generator().manual_seed(0)).double()
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=DT)
+    s = torch.tensor([0.013, 0.31, 1.7, 23.0])                  # float32 levels
+    for a, b in zip(logit_and_grad(disc, x, s), logit_and_grad(disc, x, s.double())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

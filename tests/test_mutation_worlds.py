@@ -426,3 +426,15 @@ def test_grid_density_trapezoid_weights():
     torch.testing.assert_close(log_q, y - math.log(Z), rtol=0, atol=1e-15)
     w = torch.tensor([0.25, 0.5, 0.25], dtype=DT) * y.exp() / Z
     assert mean == pytest.approx(float((w * y).sum()), rel=1e-14)
+
+
+def test_grid_w1_counts_no_mass_below_the_lowest_point():
+    """W1 between the uniform law on {1, 2, 3} and U(0, 4): F_q is 0 below 1."""
+    from dgref.gridflow import GridFlow
+    f = GridFlow(torch.zeros(3, dtype=DT), torch.tensor([1.0, 2.0, 3.0], dtype=DT),
+                 torch.full((3,), 1 / 3, dtype=DT), torch.zeros(3, dtype=DT), True)
+    u = torch.linspace(0.0, 4.0, 400001, dtype=DT)
+    F_q = (u[:, None] >= f.y[None]).double().sum(1) / 3
+    ref = float(torch.trapezoid((F_q - u / 4).abs(), u))
+    got = grid_w1(f, lambda y: torch.zeros(y.shape[0], dtype=DT), 0.0, 4.0, 40001)
+    assert got == pytest.approx(ref, abs=1e-4)
