@@ -330,13 +330,32 @@ def execute_notebook(nb, cwd: Path, *, timeout: int, allow_errors: bool = False,
     from jupyter_cache.executors.utils import single_nb_execution
     t0 = time.perf_counter()
     kwargs = {"kernel_name": kernel_name} if kernel_name else {}
-    try:
-        res = single_nb_execution(nb, cwd=str(cwd), timeout=timeout, allow_errors=allow_errors,
-                                  meta_override=True, startup_timeout=180, **kwargs)
-    except Exception as exc:      # the kernel died or did not start
-        import traceback
-        return time.perf_counter() - t0, "".join(traceback.format_exception(exc))
-    return res.time, (res.exc_string if res.err is not None else None)
+    for attempt in range(1 + KERNEL_START_RETRIES):
+        try:
+            res = single_nb_execution(nb, cwd=str(cwd), timeout=timeout,
+                                      allow_errors=allow_errors, meta_override=True,
+                                      startup_timeout=180, **kwargs)
+            error = res.exc_string if res.err is not None else None
+        except Exception as exc:      # the kernel died or did not start
+            import traceback
+            error = "".join(traceback.format_exception(exc))
+        if not (kernel_start_failed(error) and attempt < KERNEL_START_RETRIES):
+            return time.perf_counter() - t0, error
+        print(f"book: the kernel did not start (attempt {attempt + 1}); starting another",
+              flush=True)
+
+
+#: A kernel that dies before it answers ``kernel_info`` has run no cell. On a busy machine
+#: this happens when another process takes one of the ports jupyter_client picked for it
+#: before the kernel binds it (ZMQError: Address already in use). Such a start is retried;
+#: any failure after the kernel answered is reported as it is.
+KERNEL_START_RETRIES = 2
+KERNEL_START_FAILURE = "Kernel died before replying to kernel_info"
+
+
+def kernel_start_failed(error) -> bool:
+    """Whether ``error`` (a traceback text or an exception) is a failed kernel start."""
+    return error is not None and KERNEL_START_FAILURE in str(error)
 
 
 def _execute_chapter(path: Path, settings: dict) -> tuple[str, float, str | None]:

@@ -297,3 +297,42 @@ def test_make_book_executes_chapters_into_the_cache_and_leaves_out_failures(tmp_
         "execute_notebooks": "cache", "timeout": 60, "cache": str(cache_dir.resolve())}
     # jupyter-book puts local extensions on sys.path relative to the config file
     assert cfg["sphinx"]["local_extensions"] == {"style": str((tmp_path / "book/_ext").resolve())}
+
+
+def test_a_kernel_that_did_not_start_is_started_again(monkeypatch, capsys):
+    """A kernel that dies before answering kernel_info (another process took one of its
+    ports: ZMQError 'Address already in use', seen on a busy machine) ran no cell, so the
+    run is started again; a cell's failure is reported at once, never retried."""
+    import jupyter_cache.executors.utils as jcu
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    import _bookfiles
+    calls, fail_next = [], [True]
+    real = jcu.single_nb_execution
+
+    def flaky(nb, **kw):
+        calls.append(1)
+        if fail_next.pop() if fail_next else False:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        return real(nb, **kw)
+
+    monkeypatch.setattr(jcu, "single_nb_execution", flaky)
+    nb = new_notebook(cells=[new_code_cell("print(6 * 7)")])
+    seconds, error = _bookfiles.execute_notebook(nb, Path.cwd(), timeout=60)
+    assert error is None and len(calls) == 2 and nb.cells[0].outputs[0].text == "42\n"
+    assert "did not start (attempt 1)" in capsys.readouterr().out
+
+    calls.clear()
+    nb = new_notebook(cells=[new_code_cell("assert 1 == 2, 'claim broken'")])
+    seconds, error = _bookfiles.execute_notebook(nb, Path.cwd(), timeout=60)
+    assert "claim broken" in error and len(calls) == 1          # a cell failed: no retry
+
+    def never(nb, **kw):
+        calls.append(1)
+        raise RuntimeError("Kernel died before replying to kernel_info")
+
+    calls.clear()
+    monkeypatch.setattr(jcu, "single_nb_execution", never)
+    seconds, error = _bookfiles.execute_notebook(nb, Path.cwd(), timeout=60)
+    assert _bookfiles.kernel_start_failed(error)
+    assert len(calls) == 1 + _bookfiles.KERNEL_START_RETRIES   # bounded, then reported

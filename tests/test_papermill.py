@@ -23,8 +23,9 @@ import numbers
 import nbformat
 import pytest
 
-from _bookfiles import (cell_tags, printed_parameters, quick_parameters, read_notebook,
-                        setup_call, toc_notebooks)
+from _bookfiles import (KERNEL_START_RETRIES, cell_tags, kernel_start_failed,
+                        printed_parameters, quick_parameters, read_notebook, setup_call,
+                        toc_notebooks)
 
 papermill = pytest.importorskip("papermill")
 from papermill.exceptions import PapermillExecutionError  # noqa: E402
@@ -45,10 +46,16 @@ def first_cells(path, tmp_path):
 
 
 def run_first_cells(path, tmp_path, parameters, kernel):
-    return papermill.execute_notebook(
-        str(first_cells(path, tmp_path)), str(tmp_path / path.name), parameters=parameters,
-        kernel_name=kernel, cwd=str(path.parent), language="python", progress_bar=False,
-        log_output=False, start_timeout=180, execution_timeout=600)
+    source = str(first_cells(path, tmp_path))
+    for attempt in range(1 + KERNEL_START_RETRIES):
+        try:
+            return papermill.execute_notebook(
+                source, str(tmp_path / path.name), parameters=parameters, kernel_name=kernel,
+                cwd=str(path.parent), language="python", progress_bar=False,
+                log_output=False, start_timeout=180, execution_timeout=600)
+        except RuntimeError as exc:    # a kernel that never started ran no cell: start another
+            if not (kernel_start_failed(exc) and attempt < KERNEL_START_RETRIES):
+                raise
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
