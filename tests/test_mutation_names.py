@@ -332,3 +332,12 @@ def test_logit_and_grad_takes_sigma_in_x_dtype():
     s = torch.tensor([0.013, 0.31, 1.7, 23.0])                  # float32 levels
     for a, b in zip(logit_and_grad(disc, x, s), logit_and_grad(disc, x, s.double())):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_logit_and_grad_hands_the_disc_sigma_in_x_dtype():
+    from dgref.discriminator import logit_and_grad
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))        # float32
+    s = torch.tensor([0.013, 0.31, 1.7, 23.0], dtype=DT)                    # float64 levels
+    d, g = logit_and_grad(lambda x, s: (x ** 2).sum(1) * s, x, s)
+    assert d.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(g, 2 * x * s.float()[:, None], rtol=0, atol=0)
