@@ -341,3 +341,71 @@ def test_logit_and_grad_hands_the_disc_sigma_in_x_dtype():
     d, g = logit_and_grad(lambda x, s: (x ** 2).sum(1) * s, x, s)
     assert d.dtype == torch.float32 and g.dtype == torch.float32
     torch.testing.assert_close(g, 2 * x * s.float()[:, None], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The fifth sample (seed 19, final tests): defaults and options
+# --------------------------------------------------------------------------------------------
+def test_discriminator_takes_sigma_in_x_dtype_and_class_index_is_an_int():
+    disc = dgref.Discriminator(2, 0.5, hidden=4, depth=1,
+                               generator=torch.Generator().manual_seed(0)).double()
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=DT)
+    s = torch.tensor([0.013, 0.31, 1.7, 23.0])
+    torch.testing.assert_close(disc(x, s), disc(x, s.double()), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"^c must be an int class index, got bool True"):
+        dgref.gaussian_pair().class_world(True)
+
+
+def test_grid_defaults_and_a_start_law_without_dim():
+    p = dgref.mixture_1d((0.0,), (1.0,))
+    y, lq, m, v = grid_density(lambda y: -0.5 * y[:, 0] ** 2, -5.0, 5.0)
+    y2, lq2, m2, v2 = grid_density(lambda y: -0.5 * y[:, 0] ** 2, -5.0, 5.0, 20001)
+    assert torch.equal(lq, lq2) and (m, v) == (m2, v2)
+
+    class NoDim:
+        def log_prob(self, x, sigma=0.0):
+            return p.log_prob(x, sigma)
+
+        def mean(self):
+            return p.mean()
+
+        def std(self):
+            return p.std()
+
+    def D(x, s):
+        return x / (1 + s[:, None] ** 2)
+    a = grid_flow(D, NoDim(), num_steps=2)
+    b = grid_flow(D, p, num_steps=2, num_points=4001, width=12.0)
+    assert torch.equal(a.y, b.y) and torch.equal(a.weights, b.weights)
+
+
+def test_divergence_hutchinson_when_batched_and_default_probes():
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    s = torch.full((5,), 0.3, dtype=DT)
+    A = torch.tensor([[0.5, 0.3, 0.0], [-0.2, 1.5, 0.4], [0.1, 0.0, -0.7]], dtype=DT)
+    probes = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    _, hut = divergence(lambda x, s: x @ A.T, x, s, method="hutchinson", probes=probes,
+                        batched=True)
+    ref = torch.einsum("pbi,ij,pbj->pb", probes, A, probes).mean(0)
+    torch.testing.assert_close(hut, ref, rtol=1e-13, atol=1e-14)
+    g = dgref.ring()
+    X = torch.tensor([[0.3, -1.2], [1.5, 0.4]], dtype=DT)
+    kw = dict(num_steps=2, method="hutchinson")
+    torch.testing.assert_close(
+        dgref.ode_log_likelihood(g, X, generator=torch.Generator().manual_seed(2), **kw),
+        dgref.ode_log_likelihood(g, X, generator=torch.Generator().manual_seed(2), num_probes=1,
+                                 **kw), rtol=0, atol=0)
+
+
+def test_score_error_rounds_the_node_count_up_and_uses_the_reference():
+    p = dgref.ring()
+    a = torch.tensor([0.3, -0.4], dtype=DT)
+
+    def D(x, sigma):                      # error sigma^2 a: the integrand e^(2u), not Simpson-exact
+        return p.denoise(x, sigma) + (sigma ** 2)[:, None] * a
+
+    def val(n, **kw):
+        return score_error_kl(p, D, sigma_min=0.1, sigma_max=3.0, num_sigmas=n, num_points=5,
+                              dtype=DT, generator=torch.Generator().manual_seed(6), **kw)[0]
+    assert val(8) == val(9) != val(7)
+    assert val(9, reference=D) == 0.0
