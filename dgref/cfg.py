@@ -25,7 +25,7 @@ from ._checks import (check_callable, check_finite_float, check_labels, check_ou
 from ._util import bcast
 from .edm import edm_loss_weight, edm_sample_sigmas
 from .guidance import ScoreCorrectedDenoiser
-from .rng import randn
+from .rng import BatchGenerator, randn
 from .training import optimisation_loop
 
 __all__ = ["CFGDenoiser", "classifier_guidance", "guided_optimum_denoiser", "cfg_loss",
@@ -193,8 +193,16 @@ def cfg_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, *, loss: str = "s
                                   device=x0.device, dtype=x0.dtype)
     else:
         sigma = check_sigma("sigma", sigma, B, like=x0)
-    gdev = generator.device if isinstance(generator, torch.Generator) else x0.device
-    drop = torch.rand((B,), generator=generator, device=gdev).to(x0.device) < p
+    if isinstance(generator, BatchGenerator):      # one uniform per row, from the row's stream
+        u = torch.stack([torch.rand((), generator=g, device=generator.device)
+                         for g in generator.generators])
+    elif generator is None or isinstance(generator, torch.Generator):
+        gdev = generator.device if generator is not None else x0.device
+        u = torch.rand((B,), generator=generator, device=gdev)
+    else:
+        raise TypeError("generator must be a torch.Generator, a dgref.rng.BatchGenerator or "
+                        f"None, got {type(generator).__name__}")
+    drop = u.to(x0.device) < p
     lab_in = torch.where(drop, torch.full_like(lab, null), lab)
     n = randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     x = x0 + bcast(sigma, x0) * n

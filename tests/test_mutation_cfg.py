@@ -5,6 +5,7 @@ import torch
 
 import dgref
 from dgref.cfg import cfg_training_loop, guided_optimum_denoiser
+from dgref.rng import BatchGenerator
 
 DT = torch.float64
 
@@ -422,3 +423,27 @@ def test_cfg_training_default_w_train_is_zero():
         net = dgref.conditional_mlp_denoiser(1, 2, 0.5, hidden=4, depth=1, generator=_g(3))
         return train_cfg(net, x0, lab, steps=2, batch_size=8, generator=_g(6), **kw)
     assert run(loss="guided") == run(loss="standard") == run(loss="guided", w_train=0.0)
+
+
+def test_cfg_loss_takes_a_batch_generator_row_by_row():
+    """With a dgref.BatchGenerator (one stream per row) every draw of a row (its sigma, its
+    label dropout, its noise) comes from that row's stream, as in edm_loss: a batch of 8 and
+    the same rows in chunks of 3 give the same per-example losses. Any other generator type
+    is named."""
+    x0, lab = W.sample(8, generator=_g(0), dtype=DT)
+    seeds = list(range(100, 108))
+    whole = dgref.cfg_loss(W, x0, lab, p_uncond=0.5, reduction="none",
+                           generator=BatchGenerator(seeds))
+    parts = torch.cat([dgref.cfg_loss(W, x0[i:i + 3], lab[i:i + 3], p_uncond=0.5,
+                                      reduction="none",
+                                      generator=BatchGenerator(seeds[i:i + 3]))
+                       for i in range(0, 8, 3)])
+    torch.testing.assert_close(whole, parts, rtol=0, atol=0)
+    # the dropout is drawn: p_uncond = 1 and 0 differ on the same streams
+    nulls = dgref.cfg_loss(W, x0, lab, p_uncond=1.0, reduction="none",
+                           generator=BatchGenerator(seeds))
+    keeps = dgref.cfg_loss(W, x0, lab, p_uncond=0.0, reduction="none",
+                           generator=BatchGenerator(seeds))
+    assert not torch.equal(nulls, keeps)
+    with pytest.raises(TypeError, match="generator"):
+        dgref.cfg_loss(W, x0, lab, generator=123)
