@@ -304,6 +304,21 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, *, callback=None,
 _SDE_METHODS = ("euler_maruyama", "ancestral")
 
 
+def sde_step_kernel(method: str, x, D, t: float, tn: float):
+    """One noisy step ``t -> tn > 0`` of :func:`edm_sde_sampler` as a Gaussian kernel: returns
+    ``(mean, std)`` with ``x' = mean + std * z``, ``D = D(x; t)`` (book eq.
+    guidance-theory-sde). The one place these formulas live: the sampler, and the laws that
+    replay it (:mod:`dgref.sde_density`, :mod:`dgref.sde_kl`), call it.
+
+    - ``"euler_maruyama"``: ``mean = x + 2 (t - tn)/t (D - x)``, ``std = sqrt(2 t (t - tn))``;
+    - ``"ancestral"``: ``mean = D + r (x - D)``, ``std = tn sqrt(1 - r)``, ``r = (tn/t)^2``.
+    """
+    if method == "euler_maruyama":
+        return x + 2 * (t - tn) / t * (D - x), math.sqrt(2 * t * (t - tn))
+    r = (tn / t) ** 2
+    return D + r * (x - D), tn * math.sqrt(1 - r)
+
+
 def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                     sigmas=None, method: str = "euler_maruyama", generator=None,
@@ -347,11 +362,8 @@ def edm_sde_sampler(denoiser, latents: torch.Tensor, *, num_steps: int = 64,
                 x = D
                 break
             z = randn(x.shape, generator, dtype=dtype, device=device)
-            if method == "euler_maruyama":
-                x = x + 2 * (t - tn) / t * (D - x) + math.sqrt(2 * t * (t - tn)) * z
-            else:
-                r = (tn / t) ** 2
-                x = D + r * (x - D) + tn * math.sqrt(1 - r) * z
+            mean, std = sde_step_kernel(method, x, D, t, tn)
+            x = mean + std * z
     if check_finite and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"the SDE sampler produced {int((~torch.isfinite(x)).sum())} "
                              "non-finite values; check the denoiser and the guidance weight")

@@ -57,7 +57,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._checks import NonFiniteError, check_positive_float, check_positive_int
-from .edm import edm_sigma_steps
+from .edm import edm_sigma_steps, sde_step_kernel
 from .gridflow import GridFlow
 
 __all__ = ["GridDensity", "grid_flow_sde", "sampler_transitions", "transfer",
@@ -465,17 +465,11 @@ def sampler_transitions(denoiser, *, sampler: str = "euler_maruyama", num_steps:
             ti, tn = t[i], t[i + 1]
             if tn == 0.0:
                 trans.append(_Transition(lambda x, ti=ti: _call(D, x, ti), 0.0, 0.0))
-            elif sampler == "euler_maruyama":
-                trans.append(_Transition(
-                    lambda x, ti=ti, tn=tn: x + 2 * (ti - tn) / ti * (_call(D, x, ti) - x),
-                    math.sqrt(2 * ti * (ti - tn)), tn))
             else:
-                r = (tn / ti) ** 2
-
-                def m(x, ti=ti, r=r):
-                    d = _call(D, x, ti)
-                    return d + r * (x - d)
-                trans.append(_Transition(m, tn * math.sqrt(1 - r), tn))
+                def m(x, ti=ti, tn=tn):
+                    return sde_step_kernel(sampler, x, _call(D, x, ti), ti, tn)[0]
+                std = sde_step_kernel(sampler, 0.0, 0.0, ti, tn)[1]    # std does not depend on x
+                trans.append(_Transition(m, std, tn))
         return t[0], trans
 
     heun = D if heun_denoiser is None else heun_denoiser

@@ -26,7 +26,7 @@ import torch
 
 from ._checks import check_callable, check_output_shape, check_positive_float, \
     check_positive_int, check_tensor, checked_scope
-from .edm import _check_latents, _sampler_levels, edm_sampler_iter
+from .edm import _check_latents, _sampler_levels, edm_sampler_iter, sde_step_kernel
 from .rng import BatchGenerator, randn
 
 __all__ = ["KLEstimate", "sde_kl_estimate", "paired_kl_difference", "KLTerms", "kernel_state",
@@ -233,13 +233,7 @@ def kernel_state(denoiser, latents: torch.Tensor, *, sigma_end: float,
             with checked_scope():
                 D = denoiser(x, torch.full((B,), tk, dtype=dtype, device=device))
             check_output_shape("denoiser", D, x.shape, "x")
-            if sampler == "euler_maruyama":
-                mean = x + 2 * (tk - tn) / tk * (D - x)
-                s = math.sqrt(2 * tk * (tk - tn))
-            else:
-                r = (tn / tk) ** 2
-                mean = D + r * (x - D)
-                s = tn * math.sqrt(1 - r)
+            mean, s = sde_step_kernel(sampler, x, D, tk, tn)
             if k == i - 1:
                 return KernelState(x, mean, s, level, i)
             x = mean + s * randn(x.shape, generator, dtype=dtype, device=device)
