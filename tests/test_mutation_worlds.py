@@ -438,3 +438,139 @@ def test_grid_w1_counts_no_mass_below_the_lowest_point():
     ref = float(torch.trapezoid((F_q - u / 4).abs(), u))
     got = grid_w1(f, lambda y: torch.zeros(y.shape[0], dtype=DT), 0.0, 4.0, 40001)
     assert got == pytest.approx(ref, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3, the full run of dgref/labelled.py (all 911 mutants)
+# --------------------------------------------------------------------------------------------
+def test_labelled_ring_angles_and_one_mode_per_class():
+    lr = labelled_ring(num_modes=6, num_classes=3, radius=1.5)
+    ang = torch.arange(6, dtype=DT) * (2 * math.pi / 6)
+    torch.testing.assert_close(lr.base.means, 1.5 * torch.stack([ang.cos(), ang.sin()], 1),
+                               rtol=0, atol=1e-15)
+    one = labelled_ring(num_modes=3, num_classes=3)       # num_classes == num_modes is allowed
+    assert one.num_classes == 3 and one.base.labels.tolist() == [0, 1, 2]
+
+
+def test_three_classes_spacing_in_float64_and_weights_passed_on():
+    t3 = three_classes_1d(spacing=0.1, weights=[0.2, 0.3, 0.5])
+    assert t3.base.means.flatten().tolist() == [-0.1, 0.0, 0.1]
+    torch.testing.assert_close(t3.prior, torch.tensor([0.2, 0.3, 0.5], dtype=DT), rtol=0,
+                               atol=1e-15)
+
+
+def test_log_prob_and_posterior_default_to_sigma_zero():
+    x = torch.tensor([[-1.0], [0.2], [1.4]], dtype=DT)
+    w = three_classes_1d()
+    torch.testing.assert_close(w.log_prob(x), w.log_prob(x, 0.0), rtol=0, atol=0)
+    assert not torch.allclose(w.log_prob(x), w.log_prob(x, 1.0))
+    u = UniformIntervals([[0.0, 1.0], [0.5, 3.0]], [0.4, 0.6])
+    x = torch.tensor([[0.2], [0.7], [1.4]], dtype=DT)          # in the support: finite at 0
+    torch.testing.assert_close(u.posterior(x), u.posterior(x, 0.0), rtol=0, atol=0)
+    assert not torch.allclose(u.posterior(x), u.posterior(x, 1.0))
+
+
+def _uniform_density(iv, w, x, s):
+    """Closed form p_sigma(x) = sum_k w_k (Phi((b-x)/s) - Phi((a-x)/s)) / (b - a)."""
+    def Phi(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    return sum(wk * (Phi((b - x) / s) - Phi((a - x) / s)) / (b - a) for (a, b), wk in zip(iv, w))
+
+
+def test_uniform_intervals_density_in_closed_form_with_unequal_lengths_and_weights():
+    iv, w = [[0.0, 1.0], [0.5, 3.0]], [0.4, 0.6]
+    u = UniformIntervals(iv, w)
+    # sigma = 0: piecewise constant, both ends of each interval inside
+    x0 = torch.tensor([[0.0], [0.2], [0.5], [1.0], [3.0], [3.5]], dtype=DT)
+    dens0 = u.log_prob(x0).exp()
+    torch.testing.assert_close(dens0, torch.tensor([0.4, 0.4, 0.64, 0.64, 0.24, 0.0], dtype=DT),
+                               rtol=1e-14, atol=0)
+    for s, xs in ((0.05, [0.3, 0.8, 0.98, 2.0, 3.02]), (0.7, [-1.0, 0.3, 0.8, 2.0, 4.5])):
+        got = u.log_prob(torch.tensor(xs, dtype=DT)[:, None], s).exp()
+        want = torch.tensor([_uniform_density(iv, w, x, s) for x in xs], dtype=DT)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_uniform_intervals_compute_in_the_dtype_of_x():
+    u = UniformIntervals([[0.0, 1.0], [0.5, 3.0]], [0.4, 0.6])
+    x = torch.tensor([[0.2], [1.4]])
+    for s in (0.0, 0.5):
+        assert u.log_prob(x, s).dtype == torch.float32
+        assert u.denoise(x, s).dtype == torch.float32
+        assert u.posterior(x, s).dtype == torch.float32
+
+
+def test_uniform_intervals_construction_edges():
+    with pytest.raises(ValueError, match=r"^intervals must have a < b in every row"):
+        UniformIntervals([[0.0, 1.0], [1.0, 1.0]])
+    u3 = UniformIntervals([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0]])
+    assert u3.weights.dtype == DT and u3.weights.tolist() == [1 / 3] * 3
+    sub = u3.subset(torch.tensor([True, False, True]))
+    assert sub.labels is None and sub.intervals.tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert sub.weights.tolist() == [0.5, 0.5]
+
+
+def test_uniform_classes_intervals_in_float64_one_class_each():
+    uc = uniform_classes_1d(((0.1, 0.3), (0.7, 0.9), (1.1, 1.3)))
+    assert uc.num_classes == 3 and uc.base.labels.tolist() == [0, 1, 2]
+    assert uc.base.intervals.tolist() == [[0.1, 0.3], [0.7, 0.9], [1.1, 1.3]]
+
+
+def test_labelled_world_sample_passes_sigma_on():
+    for w in (three_classes_1d(), uniform_classes_1d()):
+        x, c = w.sample(50, 0.5, generator=_g(21), dtype=DT)
+        xb, k = w.base.sample(50, 0.5, generator=_g(21), return_components=True, dtype=DT)
+        torch.testing.assert_close(x, xb, rtol=0, atol=0)
+        assert c.tolist() == w.base.labels[k].tolist()
+
+
+def test_gaussian_pair_means_in_float64():
+    gp = dgref.gaussian_pair(separation=0.2)
+    assert gp.base.means.flatten().tolist() == [-0.1, 0.1]
+
+
+def test_class_sample_dtype_and_classifier_defaults():
+    w = three_classes_1d()
+    assert w.class_sample(1, 4, generator=_g(22)).dtype == torch.float32
+    x = torch.tensor([[-1.0], [0.2], [1.4]], dtype=DT)
+    for f in (w.classifier, w.log_classifier, w.class_log_prob):
+        torch.testing.assert_close(f(x), f(x, 0.0), rtol=0, atol=0)
+        assert not torch.allclose(f(x), f(x, 1.0))
+
+
+def test_uniform_intervals_weight_and_label_checks():
+    iv = [[0.0, 1.0], [2.0, 3.0]]
+    with pytest.raises(ValueError, match=r"^weights must be finite and >= 0"):
+        UniformIntervals(iv, [1.5, -0.5])
+    with pytest.raises(ValueError, match=r"^weights must sum to 1"):
+        UniformIntervals(iv, [0.5, 0.6])
+    assert UniformIntervals(iv, [1.0, 0.0]).weights.tolist() == [1.0, 0.0]   # a zero weight
+    lab = UniformIntervals(iv, labels=torch.tensor([0.0, 1.0])).labels
+    assert lab.dtype == torch.long and lab.tolist() == [0, 1]
+
+
+def test_labelled_gaussian_log_prob_in_closed_form():
+    """The Gaussian pair (means -+1, std 0.5, weights 0.3/0.7) noised to sigma: a 1-D mixture
+    of N(-+1, 0.25 + sigma^2); and the labelled ring's log-density in 2-D."""
+    w = dgref.gaussian_pair(weights=[0.3, 0.7])
+    xs = [-1.3, 0.1, 0.9]
+    for s in (0.0, 0.6):
+        v = 0.25 + s * s
+        want = [math.log(sum(wk * math.exp(-(x - m) ** 2 / (2 * v)) / math.sqrt(2 * math.pi * v)
+                             for wk, m in ((0.3, -1.0), (0.7, 1.0)))) for x in xs]
+        torch.testing.assert_close(w.log_prob(torch.tensor(xs, dtype=DT)[:, None], s),
+                                   torch.tensor(want, dtype=DT), rtol=1e-13, atol=0)
+    lr = labelled_ring()
+    x = torch.tensor([[0.5, -0.3], [1.9, 0.1]], dtype=DT)
+    v = 0.09 + 0.4 ** 2
+    d2 = ((x[:, None, :] - lr.base.means[None]) ** 2).sum(-1)
+    want = torch.logsumexp(-d2 / (2 * v) - math.log(2 * math.pi * v) + math.log(1 / 6), 1)
+    torch.testing.assert_close(lr.log_prob(x, 0.4), want, rtol=1e-13, atol=0)
+
+
+def test_labelled_world_zero_prior_class_and_class_index_bound():
+    with pytest.raises(ValueError, match=r"^every class needs positive prior mass"):
+        dgref.LabelledWorld(UniformIntervals([[0.0, 1.0], [2.0, 3.0]], [1.0, 0.0], labels=[0, 1]))
+    w = three_classes_1d()
+    with pytest.raises(ValueError, match=r"^c must be in 0\.\.2, got 3"):
+        w.class_world(3)
