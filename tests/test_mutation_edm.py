@@ -319,3 +319,79 @@ def test_edm_loss_draws_levels_with_p_mean_and_p_std():
     n = dgref.randn(x0.shape, g, dtype=DT)
     ref = (s ** 2 + 0.49) / (s * 0.7) ** 2 * ((p(x0 + s[:, None] * n, s) - x0) ** 2).sum(1)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3, the full run of the rest of dgref/edm.py (all but edm_sampler_iter)
+# --------------------------------------------------------------------------------------------
+def test_sampler_levels_checks_every_condition():
+    D = dgref.ring()
+    lat = torch.zeros(2, 2, dtype=DT)
+    msg = r"^sigmas must be a strictly decreasing 1-D sequence of positive levels ending in 0"
+    for bad in ([0.0], [[1.0, 0.0]], [1.0, 1.0, 0.0], [2.0, 1.0, 1.0, 0.0]):
+        with pytest.raises(ValueError, match=msg):
+            dgref.edm_sampler(D, lat, sigmas=torch.tensor(bad, dtype=DT))
+
+
+def test_latents_at_the_bound_are_accepted():
+    lat = torch.tensor([[8.0, 0.0]], dtype=DT)               # max |latents| = 8 exactly
+    dgref.edm_sampler(dgref.ring(), lat, num_steps=2)
+
+
+def test_sigma_steps_equal_ends_only_for_one_step():
+    with pytest.raises(ValueError, match=r"^sigma_min must be < sigma_max, got 1.0 >= 1.0"):
+        dgref.edm_sigma_steps(2, sigma_min=1.0, sigma_max=1.0)
+    assert dgref.edm_sigma_steps(1, sigma_min=1.0, sigma_max=1.0).tolist() == [1.0, 0.0]
+
+
+def test_mlp_denoisers_pass_depth_on():
+    def n(m):
+        return sum(p.numel() for p in m.parameters())
+    g = torch.Generator().manual_seed(0)
+    assert n(dgref.mlp_denoiser(2, 0.5, hidden=8, depth=2, generator=g)) \
+        < n(dgref.mlp_denoiser(2, 0.5, hidden=8, depth=3, generator=g))
+    assert n(dgref.conditional_mlp_denoiser(2, 3, 0.5, hidden=8, depth=2, generator=g)) \
+        < n(dgref.conditional_mlp_denoiser(2, 3, 0.5, hidden=8, depth=3, generator=g))
+
+
+def test_edm_loss_sigma_in_the_dtype_of_x0():
+    x0 = torch.tensor([[0.3, -0.2], [1.1, 0.4]], dtype=DT)
+    D = dgref.ring()
+    a = dgref.edm_loss(D, x0, sigma=0.1, generator=torch.Generator().manual_seed(1),
+                       reduction="none")
+    b = dgref.edm_loss(D, x0, sigma=torch.tensor([0.1, 0.1], dtype=DT),
+                       generator=torch.Generator().manual_seed(1), reduction="none")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sampler_counts_the_non_finite_rows():
+    def D(x, s):
+        out = 0.5 * x
+        out[:2] = math.nan
+        return out
+    with pytest.raises(dgref.NonFiniteError, match=r"^the sampler produced 2 non-finite sample\(s\) "
+                       r"out of 3"):
+        dgref.edm_sampler(D, torch.zeros(3, 2, dtype=DT), num_steps=2)
+
+
+def test_sde_sampler_extra_args_scaled_latents_and_finite_check():
+    g = dgref.ring()
+
+    def D(x, sigma, shift=0.0, *, scale=1.0):
+        return scale * g(x, sigma) + shift
+    lat = torch.randn(3, 2, generator=torch.Generator().manual_seed(2), dtype=DT)
+
+    def run(fn, **kw):
+        return dgref.edm_sde_sampler(fn, lat, num_steps=3, generator=torch.Generator()
+                                     .manual_seed(3), **kw)
+    base = run(lambda x, s: 0.9 * g(x, s) + 0.1)
+    torch.testing.assert_close(run(lambda x, s, sh: D(x, s, sh, scale=0.9), extra_args=(0.1,)),
+                               base, rtol=0, atol=0)
+    torch.testing.assert_close(run(D, extra_args={"shift": 0.1, "scale": 0.9}), base, rtol=0,
+                               atol=0)
+    torch.testing.assert_close(run(g, latents_scaled=True, sigma_max=80.0),
+                               dgref.edm_sde_sampler(g, lat / 80.0, num_steps=3,
+                                                     generator=torch.Generator().manual_seed(3)),
+                               rtol=0, atol=1e-12)
+    with pytest.raises(dgref.NonFiniteError):
+        run(lambda x, s: x / 0.0)

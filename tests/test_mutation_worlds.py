@@ -574,3 +574,122 @@ def test_labelled_world_zero_prior_class_and_class_index_bound():
     w = three_classes_1d()
     with pytest.raises(ValueError, match=r"^c must be in 0\.\.2, got 3"):
         w.class_world(3)
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3, the full run of dgref/gridflow.py (all 939 mutants)
+# --------------------------------------------------------------------------------------------
+def _step_map():
+    from dgref.gridflow import _Steps
+    calls = []
+
+    def D(x, s):                          # a nonlinear, increasing step map
+        calls.append(x.shape[0])
+        return x / (1 + s[:, None] ** 2) + 0.2 * torch.tanh(x)
+    return _Steps(D, None, [2.0, 0.5, 0.0], 1e-5), calls
+
+
+def test_invert_step_root_slope_and_newton_iterations():
+    """S_0(x) = z inside three brackets: the root to rounding (against 200 bisections), in
+    three Newton iterations from the secant start (2 denoiser calls each, Heun); with
+    max_iter = 1 the slope returned is the one at the returned point."""
+    from dgref.gridflow import _invert_step
+    st, calls = _step_map()
+    lo = torch.tensor([-1.0, 0.1, 0.5], dtype=DT)
+    hi = torch.tensor([-0.5, 0.3, 3.0], dtype=DT)
+    slo, shi = st(0, lo), st(0, hi)
+    z = slo + torch.tensor([0.3, 0.6, 0.9], dtype=DT) * (shi - slo)
+    a, b = lo.clone(), hi.clone()
+    for _ in range(200):
+        m = 0.5 * (a + b)
+        r = st(0, m) - z
+        a, b = torch.where(r <= 0, m, a), torch.where(r > 0, m, b)
+    calls.clear()
+    x, slope = _invert_step(st, 0, z, lo.clone(), hi.clone(), slo, shi)
+    assert len(calls) == 6
+    torch.testing.assert_close(x, 0.5 * (a + b), rtol=0, atol=4.5e-16)
+    torch.testing.assert_close(slope, st.with_slope(0, x)[1], rtol=1e-9, atol=0)
+    calls.clear()
+    x1, s1 = _invert_step(st, 0, z, lo.clone(), hi.clone(), slo, shi, max_iter=1)
+    assert len(calls) == 4                                   # one iteration, then the slope
+    torch.testing.assert_close(s1, st.with_slope(0, x1)[1], rtol=0, atol=0)
+
+
+class _BisectOnly:
+    """A step map S(x) = x^p whose slope is NaN: every Newton step is rejected, so
+    _invert_step bisects; counts its evaluations."""
+    def __init__(self, p, t):
+        self.p, self.t, self.calls = p, [t], 0
+
+    def with_slope(self, k, x):
+        self.calls += 1
+        return x ** self.p, torch.full_like(x, math.nan)
+
+
+def test_invert_step_bisection_stop_rule_and_iteration_cap():
+    from dgref.gridflow import _invert_step
+    # x^2 = 8 in [0, 4]: secant start 2, then bisection; the iterate 3 has residual exactly 1
+    st = _BisectOnly(2, 1.0)
+    z = torch.tensor([8.0], dtype=DT)
+    x, _ = _invert_step(st, 0, z, torch.tensor([0.0], dtype=DT), torch.tensor([4.0], dtype=DT),
+                        torch.tensor([0.0], dtype=DT), torch.tensor([16.0], dtype=DT))
+    assert abs(float(x) - math.sqrt(8)) <= 4e-16 * (math.sqrt(8) + 1.0)
+    # the bracket stops below 4e-16 (|x| + t_k): 2 / 2^n <= 4e-16 (sqrt(8) + 1), n = 51 halvings
+    assert st.calls == 52, st.calls
+    # x^3 = 3 in [-1e4, 1e4] with t_k = 1e-3: the bracket cannot reach 4e-16 (|x| + t_k) in 60
+    # halvings (2e4 / 2^60 = 1.7e-14), so the iteration stops at max_iter = 60, then evaluates
+    # the slope at the last point
+    st = _BisectOnly(3, 1e-3)
+    x, _ = _invert_step(st, 0, torch.tensor([3.0], dtype=DT), torch.tensor([-1e4], dtype=DT),
+                        torch.tensor([1e4], dtype=DT), torch.tensor([-1e12], dtype=DT),
+                        torch.tensor([1e12], dtype=DT))
+    assert st.calls == 61 and abs(float(x) - 3 ** (1 / 3)) < 1e-13
+
+
+def test_grid_w1_counts_points_at_a_grid_node_and_default_nodes():
+    """A point mass at 0.25 against the uniform law on [0, 1], 5 nodes (0, 0.25, ..., 1): the
+    output CDF counts points y <= u, so F_q = (0, 1, 1, 1, 1) against F_t = u and the trapezoid
+    of |F_q - F_t| is 0.25 (0.75 + 0.5 + 0.25) = 0.375."""
+    from dgref.gridflow import GridFlow
+    one = torch.ones(1, dtype=DT)
+    flow = GridFlow(0.25 * one, 0.25 * one, one, 0 * one, True)
+    flat = lambda y: torch.zeros(y.shape[0], dtype=DT)        # noqa: E731
+    assert grid_w1(flow, flat, 0.0, 1.0, num_points=5) == pytest.approx(0.375, abs=1e-15)
+    assert grid_w1(flow, flat, 0.0, 1.0) == grid_w1(flow, flat, 0.0, 1.0, num_points=20001)
+
+
+def test_grid_flow_entropy_ignores_zero_weight_points():
+    from dgref.gridflow import GridFlow
+    y = torch.tensor([0.0, 1.0, 2.0], dtype=DT)
+    flow = GridFlow(y, y, torch.tensor([0.5, 0.5, 0.0], dtype=DT),
+                    torch.tensor([math.log(0.5), math.log(0.5), -math.inf], dtype=DT), True)
+    assert flow.entropy() == pytest.approx(math.log(2), rel=1e-15)
+
+
+def test_grid_flow_defaults_and_smallest_arguments():
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+    f = grid_flow(p, p, num_points=41)
+    same = grid_flow(p, p, num_points=41, num_steps=32, exact_jacobian=False,
+                     check_finite=True, gap_factor=4.0)
+    torch.testing.assert_close(f.log_density, same.log_density, rtol=0, atol=0)
+    torch.testing.assert_close(f.y, same.y, rtol=0, atol=0)
+    for other in (dict(num_steps=33), dict(exact_jacobian=True)):
+        g = grid_flow(p, p, num_points=41, **other)
+        assert g.y.shape != f.y.shape or not torch.equal(g.log_density, f.log_density), other
+    # the smallest start grid (3 points) and gap_factor = 1 are allowed
+    assert grid_flow(p, p, num_points=3, num_steps=2).y.numel() >= 3
+    assert grid_flow(p, p, num_points=41, num_steps=2, gap_factor=1.0).monotone
+    # a diverging denoiser is an error by default
+    with pytest.raises(dgref.NonFiniteError, match=r"^the sampler produced"):
+        grid_flow(lambda x, s: x / 0.0, p, num_points=5, num_steps=2)
+
+
+def test_step_slope_central_difference_step_is_fd_rel_times_t():
+    """Step maps' slopes by a central difference with step fd_rel * t_k: at t_k = 0.01 the
+    step is 1e-7 and the slope of S(x) = D(x; 0.01) is within 2e-8 of the exact derivative."""
+    from dgref.gridflow import _Steps
+    st = _Steps(lambda x, s: x / (1 + s[:, None] ** 2) + 0.2 * torch.tanh(x), None,
+                [0.01, 0.0], 1e-5)
+    x = torch.tensor([-0.7, 0.1, 1.3], dtype=DT)
+    exact = 1 / (1 + 0.01 ** 2) + 0.2 * (1 - torch.tanh(x) ** 2)
+    torch.testing.assert_close(st.with_slope(0, x)[1], exact, rtol=0, atol=2e-8)

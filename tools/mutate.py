@@ -293,10 +293,12 @@ def load_listed_equivalents() -> list[tuple[str, str, str]]:
         for ln in EQUIVALENTS.read_text().splitlines():
             if not ln.strip() or ln.lstrip().startswith("#"):
                 continue
-            parts = [p.strip() for p in ln.split(" | ")]
-            if len(parts) != 3:
+            # the function is before the first " | ", the reason after the last one: the
+            # mutated line between them may itself contain " | " (a bitwise or)
+            parts = ln.split(" | ")
+            if len(parts) < 3:
                 sys.exit(f"{EQUIVALENTS}: expected 'function | mutated line | reason', got {ln!r}")
-            out.append((parts[0], parts[1], parts[2]))
+            out.append((parts[0].strip(), " | ".join(parts[1:-1]).strip(), parts[-1].strip()))
     return out
 
 
