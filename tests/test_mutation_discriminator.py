@@ -389,9 +389,9 @@ def test_loguniform_levels_without_a_generator():
 def test_discriminator_trainer_default_lr_and_bad_input_before_any_draw():
     x0, xf = _data(32)
     a, b = _Quad(), _Quad()
-    la = dgref.train_discriminator(a, x_real=x0, x_fake=xf, steps=2, batch_size=8,
+    la = train_discriminator(a, x_real=x0, x_fake=xf, steps=2, batch_size=8,
                                    generator=_g(1))
-    lb = dgref.train_discriminator(b, x_real=x0, x_fake=xf, steps=2, batch_size=8, lr=1e-3,
+    lb = train_discriminator(b, x_real=x0, x_fake=xf, steps=2, batch_size=8, lr=1e-3,
                                    generator=_g(1))
     assert la == lb
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -400,13 +400,13 @@ def test_discriminator_trainer_default_lr_and_bad_input_before_any_draw():
     for kw in (dict(sigma_dist="uniform"), dict(sigma_dist="lognormal", weighting="loguniform")):
         g = _g(2)
         with pytest.raises(ValueError, match="sigma_dist"):
-            dgref.train_discriminator(_Quad(), x_real=x0, x_fake=xf, steps=1, batch_size=8,
+            train_discriminator(_Quad(), x_real=x0, x_fake=xf, steps=1, batch_size=8,
                                       generator=g, **kw)
         assert torch.equal(g.get_state(), _g(2).get_state())
     with pytest.raises(ValueError, match=r"^x_fake must have at least 2"):
-        dgref.train_discriminator(_Quad(), x_real=x0, x_fake=xf[:, 0], steps=1)
+        train_discriminator(_Quad(), x_real=x0, x_fake=xf[:, 0], steps=1)
     with pytest.raises(ValueError, match=r"^x_real must be finite"):
-        dgref.train_discriminator(_Quad(), x_real=x0 * math.nan, x_fake=xf, steps=1)
+        train_discriminator(_Quad(), x_real=x0 * math.nan, x_fake=xf, steps=1)
 
 
 def test_trainer_passes_weight_decay_and_check_every():
@@ -414,7 +414,7 @@ def test_trainer_passes_weight_decay_and_check_every():
 
     def run(**kw):
         d = _Quad()
-        dgref.train_discriminator(d, x_real=x0, x_fake=xf, steps=2, batch_size=8,
+        train_discriminator(d, x_real=x0, x_fake=xf, steps=2, batch_size=8,
                                   generator=_g(1), lr=0.1, **kw)
         return torch.cat([p.detach().reshape(-1) for p in d.parameters()])
     assert not torch.equal(run(weight_decay=0.5), run(weight_decay=0.01))
@@ -425,7 +425,7 @@ def test_trainer_passes_weight_decay_and_check_every():
         check_every=3)
     next(it)                                  # the first record comes after three steps
     three = _Quad()
-    dgref.train_discriminator(three, x_real=x0, x_fake=xf, steps=3, batch_size=8,
+    train_discriminator(three, x_real=x0, x_fake=xf, steps=3, batch_size=8,
                               generator=_g(1), lr=0.1)
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in part.parameters()]),
                                torch.cat([p.detach().reshape(-1) for p in three.parameters()]),
@@ -453,7 +453,7 @@ def test_trainer_accepts_the_cosine_schedule():
 
     def run(schedule):
         d = _Quad()
-        dgref.train_discriminator(d, x_real=x0, x_fake=xf, steps=3, batch_size=8, lr=0.1,
+        train_discriminator(d, x_real=x0, x_fake=xf, steps=3, batch_size=8, lr=0.1,
                                   generator=_g(1), lr_schedule=schedule)
         return torch.cat([p.detach().reshape(-1) for p in d.parameters()])
     assert not torch.equal(run("cosine"), run("constant"))
@@ -464,6 +464,112 @@ def test_trainer_casts_fake_batches_to_the_real_dtype():
 
     def run(fake):
         d = _Quad()
-        return dgref.train_discriminator(d, x_real=x0, x_fake=fake, steps=2, batch_size=8,
+        return train_discriminator(d, x_real=x0, x_fake=fake, steps=2, batch_size=8,
                                          generator=_g(1))
     assert run(xf.float()) == run(xf.float().double())
+
+
+# --------------------------------------------------------------------------------------------
+# Session 3, the full run of dgref/discriminator.py (all 1018 mutants)
+# --------------------------------------------------------------------------------------------
+from dgref.discriminator import discriminator_training_loop, train_discriminator  # noqa: E402
+
+class _Fixed:
+    """Data whose sample() returns fixed points and draws nothing from the generator; records
+    the batch sizes asked for."""
+    def __init__(self, x):
+        self.x, self.sizes = x, []
+
+    def sample(self, n, generator=None, **kw):
+        self.sizes.append(n)
+        return self.x[torch.arange(n) % self.x.shape[0]]
+
+
+def _first_record(**kw):
+    disc = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    rec = next(iter(discriminator_training_loop(disc, steps=1, batch_size=4,
+                                                      generator=_g(5), **kw)))
+    return rec["loss"], disc
+
+
+def test_training_loop_passes_every_loss_option_on():
+    """The first record is the loss of the first batch before any step: with data that draw
+    nothing, the same as the loss function called directly with the same generator."""
+    xr = _Fixed(torch.tensor([[0.5, -1.0], [1.5, 0.2]], dtype=DT))
+    xf = _Fixed(torch.tensor([[-0.3, 0.8], [0.9, 0.9]], dtype=DT))
+    g = dgref.ring()
+    fresh = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    cases = [
+        (dict(objective="ce", x_real=xr, x_fake=xf, weighting="loguniform"),
+         lambda: dgref.ce_loss(fresh, xr.sample(4), xf.sample(4), generator=_g(5),
+                               sigma_dist="loguniform")),
+        (dict(objective="kl", x_real=xr, x_fake=xf, denoiser=g, weighting="edm", gamma=0.5),
+         lambda: dgref.kl_loss(fresh, g, xr.sample(4), generator=_g(5), weighting="edm",
+                               gamma=0.5, x_fake=xf.sample(4), relative=True)),
+    ]
+    for kw, direct in cases:
+        got, _ = _first_record(**kw)
+        assert got == pytest.approx(float(direct()), rel=1e-6), kw["objective"]    # a float32 record
+
+
+def test_training_loop_default_batch_and_lr_with_weight_decay():
+    xr = _Fixed(torch.tensor([[0.5, -1.0], [1.5, 0.2]], dtype=DT))
+    xf = _Fixed(torch.tensor([[-0.3, 0.8], [0.9, 0.9]], dtype=DT))
+    disc = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    next(iter(discriminator_training_loop(disc, x_real=xr, x_fake=xf, steps=1,
+                                                generator=_g(5))))
+    assert xr.sizes == [256]
+
+    def trained(lr):
+        d = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+        train_discriminator(d, x_real=xr, x_fake=xf, steps=1, batch_size=4, lr=lr,
+                                  weight_decay=0.1, generator=_g(5))
+        return torch.cat([p.detach().flatten() for p in d.parameters()])
+    assert not torch.allclose(trained(0.05), trained(1e-3))
+
+
+def test_training_loop_names_the_discriminator_loss_when_it_is_not_finite():
+    xr = torch.tensor([[0.5, -1.0], [1.5, 0.2]], dtype=DT)
+    disc = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    with torch.no_grad():
+        next(disc.parameters()).fill_(math.nan)
+    with pytest.raises(dgref.NonFiniteError, match=r"^non-finite discriminator loss"):
+        train_discriminator(disc, x_real=xr, x_fake=xr, steps=2, batch_size=2, generator=_g(5))
+
+
+def test_ce_old_loguniform_spelling_agrees_with_sigma_dist():
+    disc = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    x = torch.tensor([[0.5, -1.0], [1.5, 0.2]], dtype=DT)
+    a = dgref.ce_loss(disc, x, x.flip(0), generator=_g(1), weighting="loguniform",
+                      sigma_dist="loguniform")
+    b = dgref.ce_loss(disc, x, x.flip(0), generator=_g(1), sigma_dist="loguniform")
+    assert float(a) == float(b)
+
+
+def test_discriminator_with_one_fourier_frequency():
+    d = dgref.Discriminator(2, 0.7, hidden=8, depth=2, num_freqs=1, generator=_g(0)).double()
+    assert d(torch.zeros(3, 2, dtype=DT), torch.ones(3, dtype=DT)).shape == (3,)
+
+
+def test_logit_and_grad_checks_sigma_batch_and_names_what_disc_returned():
+    from dgref.discriminator import logit_and_grad
+    x = torch.zeros(3, 2, dtype=DT)
+    disc = dgref.Discriminator(2, 0.7, hidden=8, depth=2, generator=_g(0)).double()
+    with pytest.raises(ValueError, match=r"^sigma must have shape \(3,\) to match x, got shape \(4,\)"):
+        logit_and_grad(lambda x, s: x.sum(1), x, torch.ones(4, dtype=DT))
+    with pytest.raises(ValueError, match=r"^disc must return a logit of shape \(3,\), got \(3, 1\)$"):
+        logit_and_grad(lambda x, s: x[:, :1], x, 1.0)
+    with pytest.raises(ValueError, match=r"^disc must return a logit of shape \(3,\), got float$"):
+        logit_and_grad(lambda x, s: 0.5, x, 1.0)
+
+
+def test_discriminator_num_freqs_checked_and_net_options_passed_on():
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=r"^num_freqs must be an int >= 0"):
+            dgref.Discriminator(2, 0.7, num_freqs=bad)
+
+    def n(**kw):
+        d = dgref.Discriminator(2, 0.7, **{"hidden": 8, "depth": 2, "num_freqs": 4, **kw})
+        return sum(p.numel() for p in d.parameters())
+    base = n()
+    assert n(hidden=16) > base and n(depth=3) > base and n(num_freqs=2) < base

@@ -693,3 +693,39 @@ def test_step_slope_central_difference_step_is_fd_rel_times_t():
     x = torch.tensor([-0.7, 0.1, 1.3], dtype=DT)
     exact = 1 / (1 + 0.01 ** 2) + 0.2 * (1 - torch.tanh(x) ** 2)
     torch.testing.assert_close(st.with_slope(0, x)[1], exact, rtol=0, atol=2e-8)
+
+
+def test_grid_flow_inserts_the_fewest_uniform_points_into_wide_gaps():
+    """h = (max y - min y) / (M - 1) over the images of the start grid; a gap wider than
+    gap_factor * h gets ceil(gap / h) - 1 equally spaced points (spacing <= h), others none."""
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+    M = 41
+    f = grid_flow(p, p, num_points=M, num_steps=8)
+    m, half = 0.0, 12.0 * math.sqrt(p.std() ** 2 + 80.0 ** 2)
+    x0 = torch.linspace(m - half, m + half, M, dtype=DT)
+    img = torch.isin(f.x, x0)
+    assert int(img.sum()) == M
+    pos = img.nonzero().flatten()
+    yf = f.y[pos]
+    h = float(yf[-1] - yf[0]) / (M - 1)
+    inserted = 0
+    for i in range(M - 1):
+        gap = float(yf[i + 1] - yf[i])
+        n = int(pos[i + 1] - pos[i]) - 1
+        want = math.ceil(gap / h) - 1 if gap > 4.0 * h else 0
+        assert n == want, (i, gap / h, n)
+        if n:
+            inner = f.y[pos[i]:pos[i + 1] + 1]
+            torch.testing.assert_close(inner[1:] - inner[:-1],
+                                       torch.full((n + 1,), gap / (n + 1), dtype=DT),
+                                       rtol=1e-9, atol=0)
+        inserted += n
+    assert inserted > 0
+
+
+def test_grid_flow_falls_back_when_images_tie():
+    """D = 0: the last Euler step sends every start point to 0, so the images tie: no output
+    density, the start-grid fallback with monotone False."""
+    p = dgref.mixture_1d((0.0,), (1.0,))
+    f = grid_flow(lambda x, s: torch.zeros_like(x), p, num_points=9, num_steps=2)
+    assert f.method == "start" and f.monotone is False
