@@ -729,3 +729,53 @@ def test_grid_flow_falls_back_when_images_tie():
     p = dgref.mixture_1d((0.0,), (1.0,))
     f = grid_flow(lambda x, s: torch.zeros_like(x), p, num_points=9, num_steps=2)
     assert f.method == "start" and f.monotone is False
+
+
+def test_grid_flow_backward_points_map_forward_and_weights_sum_to_one():
+    """Every output point's start x maps forward through the discrete sampler to its y (the
+    inserted points were integrated backwards through every step); the weights sum to 1; at
+    the ends of split gaps log_density uses the exact step slopes, as exact_jacobian does."""
+    from dgref.edm import _sampler_levels
+    from dgref.gridflow import _Steps
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+    f = grid_flow(p, p, num_points=41, num_steps=8)
+    fe = grid_flow(p, p, num_points=41, num_steps=8, exact_jacobian=True)
+    assert float(f.weights.sum()) == pytest.approx(1.0, abs=1e-13)
+    st = _Steps(p, None, _sampler_levels(None, 8, 0.002, 80.0, 7.0), 1e-5)
+    x = f.x.clone()
+    for k in range(8):
+        x = st(k, x)
+    torch.testing.assert_close(x, f.y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f.y, fe.y, rtol=0, atol=0)
+    m, half = 0.0, 12.0 * math.sqrt(p.std() ** 2 + 80.0 ** 2)
+    pos = torch.isin(f.x, torch.linspace(m - half, m + half, 41, dtype=DT)).nonzero().flatten()
+    wide = (pos[1:] - pos[:-1] > 1).nonzero().flatten()          # gaps with inserted points
+    ends = torch.unique(torch.cat([pos[wide], pos[wide + 1]]))
+    assert ends.numel() > 0
+    torch.testing.assert_close(f.log_density[ends], fe.log_density[ends], rtol=0, atol=1e-12)
+
+
+def _check_inserted(f, M, gap_factor):
+    x0 = torch.linspace(f.x.min().item(), f.x.max().item(), M, dtype=DT)
+    pos = torch.isin(f.x, x0).nonzero().flatten()
+    assert pos.numel() == M
+    yf = f.y[pos]
+    h = float(yf[-1] - yf[0]) / (M - 1)
+    ratios = (yf[1:] - yf[:-1]) / h
+    n = pos[1:] - pos[:-1] - 1
+    want = torch.where(ratios > gap_factor, torch.ceil(ratios).long() - 1, 0)
+    assert torch.equal(n, want), (ratios, n)
+    return ratios
+
+
+def test_grid_flow_gap_threshold_uses_h_over_the_whole_image_range():
+    """Three modes, 61 points: the gap nearest the threshold is split with gap_factor just
+    below its ratio gap / h and not just above (h = (y_max - y_min) / (M - 1))."""
+    p = dgref.mixture_1d((-3.0, 0.0, 3.0), (0.4, 0.4, 0.4))
+    ratios = _check_inserted(grid_flow(p, p, num_points=61, num_steps=8), 61, 4.0)
+    r = float(ratios[(ratios > 1.5) & (ratios < 4.0)].min())
+    below = _check_inserted(grid_flow(p, p, num_points=61, num_steps=8,
+                                      gap_factor=r * (1 - 1e-6)), 61, r * (1 - 1e-6))
+    above = _check_inserted(grid_flow(p, p, num_points=61, num_steps=8,
+                                      gap_factor=r * (1 + 1e-6)), 61, r * (1 + 1e-6))
+    assert (below > r * (1 - 1e-6)).sum() > (above > r * (1 + 1e-6)).sum()
