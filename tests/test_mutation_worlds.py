@@ -372,6 +372,19 @@ def test_grid_flow_backward_newton_stops_at_convergence():
     assert len(calls) <= 2 * 76, len(calls)
 
 
+def test_grid_flow_backward_inversion_cost_is_exact():
+    """The same flow costs exactly 76 denoiser calls: a bracket from the wrong trajectories
+    (the secant start off the root) or a looser or stricter Newton stop changes the count."""
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+    calls = []
+
+    def D(x, s):
+        calls.append(x.shape[0])
+        return p(x, s)
+    grid_flow(D, p, num_points=201, num_steps=8)
+    assert len(calls) == 76
+
+
 def test_labelled_world_class_labels_alias_subsets_and_dtype():
     pair = dgref.gaussian_pair(2.0, 0.5, weights=[0.3, 0.7])
     x = torch.tensor([[-1.2], [0.1], [0.9]], dtype=DT)
@@ -753,6 +766,9 @@ def test_grid_flow_backward_points_map_forward_and_weights_sum_to_one():
     ends = torch.unique(torch.cat([pos[wide], pos[wide + 1]]))
     assert ends.numel() > 0
     torch.testing.assert_close(f.log_density[ends], fe.log_density[ends], rtol=0, atol=1e-12)
+    # the images just outside the split gaps' ends keep the grid derivative (0.08 off here)
+    for i in (pos[wide[0] - 1], pos[wide[-1] + 2]):
+        assert abs(float(f.log_density[i] - fe.log_density[i])) > 1e-3
 
 
 def _check_inserted(f, M, gap_factor):
@@ -779,3 +795,25 @@ def test_grid_flow_gap_threshold_uses_h_over_the_whole_image_range():
     above = _check_inserted(grid_flow(p, p, num_points=61, num_steps=8,
                                       gap_factor=r * (1 + 1e-6)), 61, r * (1 + 1e-6))
     assert (below > r * (1 - 1e-6)).sum() > (above > r * (1 + 1e-6)).sum()
+
+
+class _NanTail:
+    """A 1-D start law whose log-density is NaN far in the right tail (a broken user law)."""
+    def __init__(self, p):
+        self.p = p
+
+    def log_prob(self, x, sigma=0.0):
+        lp = self.p.log_prob(x, sigma)
+        return torch.where(x[:, 0] > 300.0, torch.full_like(lp, math.nan), lp)
+
+    def mean(self):
+        return self.p.mean()
+
+    def std(self):
+        return self.p.std()
+
+
+def test_grid_flow_with_a_nan_density_is_not_monotone():
+    p = dgref.mixture_1d((-2.0, 2.0), (0.5, 0.5))
+    f = grid_flow(p, _NanTail(p), num_points=41, num_steps=4)
+    assert f.method == "output" and f.monotone is False
