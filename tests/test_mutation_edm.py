@@ -395,3 +395,14 @@ def test_sde_sampler_extra_args_scaled_latents_and_finite_check():
                                rtol=0, atol=1e-12)
     with pytest.raises(dgref.NonFiniteError):
         run(lambda x, s: x / 0.0)
+
+
+def test_sampler_passes_keyword_extra_args_to_both_slopes():
+    g = dgref.ring()
+
+    def D(x, sigma, *, shift=0.0, scale=1.0):
+        return scale * g(x, sigma) + shift
+    lat = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=DT)
+    base = dgref.edm_sampler(lambda x, s: 0.9 * g(x, s) + 0.1, lat, num_steps=3)
+    got = dgref.edm_sampler(D, lat, num_steps=3, extra_args={"shift": 0.1, "scale": 0.9})
+    torch.testing.assert_close(got, base, rtol=0, atol=0)
