@@ -190,6 +190,18 @@ def _invert_step(steps: _Steps, k: int, z, lo, hi, s_lo, s_hi, *, max_iter: int 
     return x, slope
 
 
+def check_start_law(start, caller: str, *, optional: bool = False) -> None:
+    """``start`` must be a 1-D law with ``log_prob(x, sigma)``, ``mean()`` and ``std()`` (the
+    start of :func:`grid_flow` and of :func:`dgref.sde_density.grid_flow_sde`)."""
+    if getattr(start, "dim", 1) != 1:
+        raise ValueError(f"{caller} needs a 1-D start law, got dim={start.dim}")
+    for attr in ("log_prob", "mean", "std"):
+        if not hasattr(start, attr):
+            what = "be None or have" if optional else "have"
+            raise TypeError(f"start must {what} log_prob(x, sigma), mean() and std(); "
+                            f"{type(start).__name__} has no {attr!r}")
+
+
 def grid_flow(denoiser, start, *, num_points: int = 4001, width: float = 12.0,
               num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0,
               rho: float = 7.0, sigmas=None, heun_denoiser=None, check_finite: bool = True,
@@ -235,12 +247,7 @@ def grid_flow(denoiser, start, *, num_points: int = 4001, width: float = 12.0,
     gap_factor = check_positive_float("gap_factor", gap_factor)
     if gap_factor < 1:
         raise ValueError(f"gap_factor must be >= 1, got {gap_factor}")
-    if getattr(start, "dim", 1) != 1:
-        raise ValueError(f"grid_flow needs a 1-D start law, got dim={start.dim}")
-    for attr in ("log_prob", "mean", "std"):
-        if not hasattr(start, attr):
-            raise TypeError(f"start must have log_prob(x, sigma), mean() and std(); "
-                            f"{type(start).__name__} has no {attr!r}")
+    check_start_law(start, "grid_flow")
     t_steps = _sampler_levels(sigmas, num_steps, sigma_min, sigma_max, rho)
     t0, N = t_steps[0], len(t_steps) - 1
     m = float(torch.as_tensor(start.mean()).reshape(-1)[0])

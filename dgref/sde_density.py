@@ -58,7 +58,7 @@ import torch
 
 from ._checks import NonFiniteError, check_positive_float, check_positive_int
 from .edm import edm_sigma_steps, sde_step_kernel
-from .gridflow import GridFlow
+from .gridflow import GridFlow, check_start_law
 
 __all__ = ["GridDensity", "grid_flow_sde", "sampler_transitions", "transfer",
            "bin_masses", "grid_kl_from", "score_error_integral_1d", "ode_kl_1d",
@@ -563,12 +563,7 @@ def grid_flow_sde(denoiser, start=None, *, sampler: str = "euler_maruyama",
     width = check_positive_float("width", width)
     max_lost = check_positive_float("max_lost", max_lost)
     if start is not None:
-        if getattr(start, "dim", 1) != 1:
-            raise ValueError(f"grid_flow_sde needs a 1-D start law, got dim={start.dim}")
-        for attr in ("log_prob", "mean", "std"):
-            if not hasattr(start, attr):
-                raise TypeError(f"start must be None or have log_prob(x, sigma), mean() and "
-                                f"std(); {type(start).__name__} has no {attr!r}")
+        check_start_law(start, "grid_flow_sde", optional=True)
     if data is None and start is not None:
         data = start
     if data is not None and getattr(data, "dim", 1) != 1:

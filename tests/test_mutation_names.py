@@ -10,6 +10,7 @@ import torch
 
 import dgref
 from dgref.gridflow import grid_density, grid_flow, grid_kl, grid_w1
+from dgref.sde_density import grid_flow_sde
 from dgref.labelled import UniformIntervals, labelled_ring, three_classes_1d, uniform_classes_1d
 from dgref.likelihood import divergence, kl_divergence, mixture_kl, score_error_kl
 
@@ -86,6 +87,12 @@ def _cases():
         (lambda: grid_flow(_D, start, gap_factor=0.0), V, r"^gap_factor must be > 0"),
         (lambda: grid_flow(_D, start, gap_factor=0.5), V, r"^gap_factor must be >= 1, got 0.5"),
         (lambda: grid_flow(_D, ring), V, r"^grid_flow needs a 1-D start law, got dim=2"),
+        (lambda: grid_flow(_D, object()), TypeError,
+         r"^start must have log_prob\(x, sigma\), mean\(\) and std\(\); object has no 'log_prob'"),
+        (lambda: grid_flow_sde(_D, ring), V, r"^grid_flow_sde needs a 1-D start law, got dim=2"),
+        (lambda: grid_flow_sde(_D, object()), TypeError,
+         r"^start must be None or have log_prob\(x, sigma\), mean\(\) and std\(\); object has "
+         r"no 'log_prob'"),
         (lambda: grid_flow(lambda x, s: x[:, :0], start, num_points=5, num_steps=2), V,
          r"^denoiser returned shape \(5, 0\), expected x's shape \(5, 1\)"),
         (lambda: grid_flow(_D, start, heun_denoiser=lambda x, s: x[:, :0], num_points=5,
@@ -181,7 +188,7 @@ def _ids(cases):
     return ids
 
 
-N_CASES = 98 if torch.cuda.is_available() else 105
+N_CASES = 101 if torch.cuda.is_available() else 108
 CASE_IDS = _ids(_cases())
 
 
