@@ -204,6 +204,14 @@ class SamplerStep(NamedTuple):
     x_next: torch.Tensor     # state at t_next
 
 
+def churn_gamma(t: float, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
+    """EDM Algorithm 2's churn at level ``t``: ``min(S_churn / N, sqrt(2) - 1)`` for ``t`` in
+    ``[S_min, S_max]``, else 0; the step then starts at ``t_hat = (1 + gamma) t``. The one place
+    the rule lives (:func:`edm_sampler_iter`, and the laws that replay it in
+    :mod:`dgref.sde_density` and :mod:`dgref.sde_kl`)."""
+    return min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t <= S_max else 0.0
+
+
 def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: int = 18,
                      sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                      S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf,
@@ -250,7 +258,7 @@ def edm_sampler_iter(denoiser: Denoiser, latents: torch.Tensor, *, num_steps: in
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         x_cur = x_next
         # Churn: raise the noise level from t_cur to t_hat by adding fresh noise.
-        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        gamma = churn_gamma(t_cur, N, S_churn, S_min, S_max)
         t_hat = t_cur * (1 + gamma)
         if gamma > 0:
             eps = randn(x_cur.shape, generator, dtype=dtype, device=device)

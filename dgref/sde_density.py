@@ -57,7 +57,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._checks import NonFiniteError, check_positive_float, check_positive_int
-from .edm import edm_sigma_steps, sde_step_kernel
+from .edm import churn_gamma, edm_sigma_steps, sde_step_kernel
 from .gridflow import GridFlow, check_start_law
 
 __all__ = ["GridDensity", "grid_flow_sde", "sampler_transitions", "transfer",
@@ -495,7 +495,7 @@ def sampler_transitions(denoiser, *, sampler: str = "euler_maruyama", num_steps:
     last = stop if sigma_end is None else stop + 1
     for i in range(last):
         ti = t[i]
-        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= ti <= S_max else 0.0
+        gamma = churn_gamma(ti, N, S_churn, S_min, S_max)
         t_hat = ti * (1 + gamma)
         if gamma > 0:
             trans.append(_Transition(compose(pending), math.sqrt(t_hat ** 2 - ti ** 2) * S_noise,

@@ -26,7 +26,7 @@ import torch
 
 from ._checks import check_callable, check_output_shape, check_positive_float, \
     check_positive_int, check_tensor, checked_scope
-from .edm import _check_latents, _sampler_levels, edm_sampler_iter, sde_step_kernel
+from .edm import _check_latents, _sampler_levels, churn_gamma, edm_sampler_iter, sde_step_kernel
 from .rng import BatchGenerator, randn
 
 __all__ = ["KLEstimate", "sde_kl_estimate", "paired_kl_difference", "KLTerms", "kernel_state",
@@ -141,7 +141,7 @@ def _pick_level(t, sampler, sigma_end, S_churn, S_min, S_max, S_noise):
     if sampler == "heun_churn":
         cands = []
         for i in range(N):
-            gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+            gamma = churn_gamma(t[i], N, S_churn, S_min, S_max)
             if gamma > 0:
                 cands.append((i, t[i] * (1 + gamma)))
         if not cands:
